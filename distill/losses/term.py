@@ -1,0 +1,34 @@
+"""The interface between the offline KD engine and a base loss (METHODS.md §2).
+
+A term is a small ``nn.Module`` that reads what it needs from the student's and the teacher's
+:class:`~distill.models.staged.StagedOutput` (logits, stage outputs, pre-pool feature, embedding),
+owns its connectors (a FitNet regressor, CRD embeddings and memory), and returns its *unweighted*
+loss. The engine multiplies by :meth:`weight_at` and logs the term under :attr:`name`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..models.staged import StagedOutput
+
+
+class DistillTerm(nn.Module):
+    name: str = "term"
+
+    def __init__(self, weight: float = 1.0):
+        super().__init__()
+        self.weight = weight
+
+    def build(self, student: StagedOutput, teacher: StagedOutput) -> None:
+        """Size connectors from a dry run (batch of 2, eval mode); called once before training."""
+
+    def setup_data(self, num_samples: int) -> None:
+        """Size per-sample state (e.g. CRD's memory) from the training-set size; called at fit setup."""
+
+    def weight_at(self, epoch: int) -> float:
+        """The weight in force at ``epoch`` (0-based); constant unless a method warms it up."""
+        return self.weight
+
+    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,31 @@
+"""Create any zoo model by name: ``create_model("resnet56", num_classes=100, in_chans=3)``."""
+from __future__ import annotations
+
+from typing import Callable
+
+from .staged import StagedNet
+
+_REGISTRY: dict[str, Callable[..., StagedNet]] = {}
+
+
+def register(name: str | None = None):
+    """Decorator adding a model constructor ``fn(num_classes=..., in_chans=...)`` to the registry."""
+
+    def add(fn):
+        key = name or fn.__name__
+        if key in _REGISTRY:
+            raise ValueError(f"model name {key!r} is registered twice")
+        _REGISTRY[key] = fn
+        return fn
+
+    return add
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create_model(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs) -> StagedNet:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -1,0 +1,94 @@
+"""The staged interface every model of the zoo exposes (DESIGN.md, "Staged network").
+
+A staged network is ``stem -> stages[0] -> ... -> stages[-1] -> head``. Methods read features
+through this interface instead of forward hooks, so nothing breaks under DDP's ``module.`` prefix
+and parameter names stay the classic ones (``conv1``, ``layer1.0.conv1``, ``fc``) that community
+checkpoints use: ``stem``, ``stages`` and ``head`` are *views* built from the registered children,
+never registered themselves.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class StagedOutput(NamedTuple):
+    """Everything a distillation loss may read from one forward pass."""
+
+    logits: torch.Tensor
+    stages: tuple[torch.Tensor, ...]  # output of every resolution stage, in order
+    feature: torch.Tensor  # pre-pool feature map (last stage after the head's final norm/act)
+    embedding: torch.Tensor  # pooled, flattened feature fed to the classifier
+
+
+class Chain(nn.Sequential):
+    """An unregistered view that runs existing modules in order (parameters are shared)."""
+
+
+class Head(nn.Module):
+    """Final norm/activation (``pre``), global average pooling and the classifier."""
+
+    def __init__(self, classifier: nn.Module, pre: nn.Module | None = None):
+        super().__init__()
+        self.pre = pre if pre is not None else nn.Identity()
+        self.classifier = classifier
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the pre-pool feature map and the pooled embedding."""
+        feature = self.pre(x)
+        embedding = torch.flatten(F.adaptive_avg_pool2d(feature, 1), 1)
+        return feature, embedding
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x)[1])
+
+
+class StagedNet(nn.Module):
+    """Base class of the zoo: subclasses define the three views over their classic children.
+
+    ``forward(x)`` returns logits; ``forward(x, features=True)`` returns a :class:`StagedOutput`.
+    """
+
+    @property
+    def stem(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def stages(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    @property
+    def head(self) -> Head:
+        raise NotImplementedError
+
+    def forward_stages(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Run the stem and the first ``upto`` stages (all by default); return each stage's output."""
+        x = self.stem(x)
+        outputs = []
+        for stage in list(self.stages)[:upto]:
+            x = stage(x)
+            outputs.append(x)
+        return outputs
+
+    def forward(self, x: torch.Tensor, features: bool = False):
+        stage_outputs = self.forward_stages(x)
+        head = self.head
+        feature, embedding = head.features(stage_outputs[-1])
+        logits = head.classifier(embedding)
+        if not features:
+            return logits
+        return StagedOutput(logits, tuple(stage_outputs), feature, embedding)
+
+
+def stage_channels(model: StagedNet, in_chans: int = 3, size: int = 32) -> list[int]:
+    """Channel count of every stage output, found by a dry run on a zero image."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters())
+    with torch.no_grad():
+        outs = model.forward_stages(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
+    model.train(was_training)
+    return [o.shape[1] for o in outs]
