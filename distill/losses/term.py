@@ -23,8 +23,9 @@ class DistillTerm(nn.Module):
     def build(self, student: StagedOutput, teacher: StagedOutput) -> None:
         """Size connectors from a dry run (batch of 2, eval mode); called once before training."""
 
-    def setup_data(self, num_samples: int) -> None:
-        """Size per-sample state (e.g. CRD's memory) from the training-set size; called at fit setup."""
+    def setup_data(self, targets: torch.Tensor) -> None:
+        """Size per-sample state (e.g. CRD's memory) from the training split's labels (one per
+        sample, in dataset-index order); called at fit setup, before a checkpoint is restored."""
 
     def weight_at(self, epoch: int) -> float:
         """The weight in force at ``epoch`` (0-based); constant unless a method warms it up."""
