@@ -7,8 +7,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# Prefixes added by Lightning modules (``model.``, ``student.``), DDP (``module.``) and torch.compile.
-_PREFIXES = ("model.", "student.", "module.", "_orig_mod.")
+# The trained network inside a method's checkpoint: ``student.`` (distillation methods) or ``model.``
+# (supervised); wrapper prefixes added by DDP (``module.``) and torch.compile (``_orig_mod.``).
+_NETWORK_PREFIXES = ("student.", "model.")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class WeightLoadError(RuntimeError):
@@ -26,8 +28,9 @@ def file_sha256(path: str | Path) -> str:
 def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Read a state_dict from ``path``: a plain one, ``{"state_dict": ...}`` or ``{"model": ...}``.
 
-    With ``prefix`` only keys under it are kept (and it is stripped); otherwise the known wrapper
-    prefixes are stripped where *every* key carries them.
+    With ``prefix`` only keys under it are kept (and it is stripped); otherwise a method checkpoint's
+    network (``student.`` or else ``model.``) is selected, and wrapper prefixes are stripped where
+    *every* key carries them.
     """
     path = Path(path)
     if not path.is_file():
@@ -43,21 +46,26 @@ def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, to
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightLoadError(f"{path}: expected a state_dict (a mapping of names to tensors)")
-    if prefix is not None:
-        obj = {k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)}
-        if not obj:
-            raise WeightLoadError(f"{path}: no key starts with {prefix!r}")
-        return obj
-    changed = True
-    while changed and obj:
-        changed = False
-        for p in _PREFIXES:
-            if all(k.startswith(p) for k in obj):
-                obj = {k[len(p):]: v for k, v in obj.items()}
-                changed = True
+    if not isinstance(obj, dict):
+        raise WeightLoadError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
+    obj = _strip_wrappers(obj)
+    if prefix is None:
+        prefix = next((p for p in _NETWORK_PREFIXES if any(k.startswith(p) for k in obj)), "")
+    obj = _strip_wrappers({k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)})
+    if not obj:
+        raise WeightLoadError(f"{path}: no key starts with {prefix!r}")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise WeightLoadError(f"{path}: expected tensors, but these entries are not: {', '.join(not_tensors[:10])}")
     return obj
+
+
+def _strip_wrappers(state: dict) -> dict:
+    """Remove DDP/compile prefixes carried by every key."""
+    for p in _WRAPPER_PREFIXES * 2:
+        if state and all(k.startswith(p) for k in state):
+            state = {k[len(p):]: v for k, v in state.items()}
+    return state
 
 
 def load_weights(model: nn.Module, path: str | Path, prefix: str | None = None, strict: bool = True) -> nn.Module:

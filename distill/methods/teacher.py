@@ -1,0 +1,83 @@
+"""A frozen teacher that stays out of the optimiser, the checkpoint, DDP and SyncBatchNorm.
+
+The teacher is held as a plain attribute, not a registered child (DESIGN.md pitfalls): it is not in
+``state_dict`` (the checkpoint records its path and SHA-256 instead), DDP neither wraps nor
+broadcasts it, ``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.
+Device and dtype moves still reach it through :meth:`TeacherMixin._apply`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..models import StagedNet, create_model, load_weights
+from ..models.weights import file_sha256
+
+
+def build_teacher(name: str, weights: str | None, num_classes: int, in_chans: int, model_kwargs: dict | None = None) -> tuple[StagedNet, dict]:
+    """Create the teacher, load its weights, freeze it; return it with a record of where it came from."""
+    teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+    info = {"arch": name, "weights": None, "sha256": None}
+    if weights:
+        load_weights(teacher, weights)
+        info.update(weights=str(Path(weights)), sha256=file_sha256(weights))
+    teacher.requires_grad_(False)
+    teacher.eval()
+    return teacher, info
+
+
+class TeacherMixin:
+    """Keeps ``self.teacher`` unregistered, moves it with the module and records its identity."""
+
+    teacher_train_mode: bool = False  # SOKD's official code runs the teacher in train mode
+    teacher_measured: bool = False
+
+    def attach_teacher(self, teacher: nn.Module, info: dict) -> None:
+        object.__setattr__(self, "teacher", teacher)
+        self.teacher_info = info
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if "teacher" in self.__dict__:
+            self.teacher._apply(fn, *args, **kwargs)
+        return self
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if "teacher" in self.__dict__:
+            self.teacher.train(mode and self.teacher_train_mode)
+        return self
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["distill_teacher"] = dict(self.teacher_info)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        saved = checkpoint.get("distill_teacher")
+        if saved and saved.get("sha256") != self.teacher_info.get("sha256"):
+            raise RuntimeError(
+                f"the teacher weights differ from those the checkpoint was trained with: checkpoint has "
+                f"{saved.get('weights')} (sha256 {saved.get('sha256')}), this run loads "
+                f"{self.teacher_info.get('weights')} (sha256 {self.teacher_info.get('sha256')})"
+            )
+
+    @torch.no_grad()
+    def teacher_forward(self, images: torch.Tensor):
+        return self.teacher(images, features=True)
+
+    def teacher_eval_logits(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's logits until its validation top-1 has been measured once in this fit."""
+        if self.teacher_measured:
+            return {}
+        with torch.no_grad():  # evaluation runs in eval mode: train(False) reached the teacher too
+            return {"teacher": self.teacher(images)}
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        metric = self.metrics["val_teacher"]["top1"]
+        if not self.trainer.sanity_checking and not self.teacher_measured and metric.update_count:
+            self.teacher_info["val_top1"] = float(metric.compute())
+            self.teacher_measured = True

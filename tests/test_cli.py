@@ -1,0 +1,42 @@
+"""``distill fit|validate`` through ``main(args=[...])`` on the embedded digits."""
+import pytest
+import torch
+
+from conftest import CONFIGS, FAST
+from distill.cli import main
+from distill.tools.runs import read_metrics
+
+
+def fit_teacher(epochs: int = 1, *extra: str):
+    main(["fit", "--config", str(CONFIGS / "digits/teacher.yaml"), f"--trainer.max_epochs={epochs}", *FAST, *extra])
+
+
+def test_fit_writes_predictable_run_dir_with_metrics(in_tmp):
+    fit_teacher(1)
+    run = in_tmp / "runs/digits/supervised/resnet20/version_0"
+    assert (run / "checkpoints/last.ckpt").is_file()
+    assert (run / "config.yaml").is_file()
+    rows = read_metrics(run)
+    assert any("val/top1" in r and "val/top5" in r for r in rows)
+    assert any("lr" in k for r in rows for k in r)
+
+
+def test_resume_continues_from_last_checkpoint(in_tmp):
+    fit_teacher(1)
+    last = in_tmp / "runs/digits/supervised/resnet20/version_0/checkpoints/last.ckpt"
+    fit_teacher(2, f"--ckpt_path={last}")
+    resumed = torch.load(last, weights_only=True)  # the resumed run continues in its own directory
+    assert resumed["global_step"] == 4  # two epochs of two batches
+    assert not (in_tmp / "runs/digits/supervised/resnet20/version_1").exists()
+
+
+def test_validate_subcommand_reads_checkpoint(in_tmp):
+    fit_teacher(1)
+    last = in_tmp / "runs/digits/supervised/resnet20/version_0/checkpoints/last.ckpt"
+    main(["validate", "--config", str(CONFIGS / "digits/teacher.yaml"), *FAST, f"--ckpt_path={last}"])
+    assert (in_tmp / "runs/digits/supervised/resnet20/version_1/metrics.csv").is_file()
+
+
+def test_unknown_model_lists_known_names(in_tmp):
+    with pytest.raises((KeyError, ValueError), match="unknown model 'resnet21'; known models: .*resnet20"):
+        fit_teacher(1, "--model.init_args.model=resnet21")
