@@ -1,0 +1,106 @@
+"""Shared shape of every DataModule: what the model needs to know, and index-carrying batches.
+
+Every dataset yields ``(image, target, index)``; the index is the sample's position in its split,
+which contrastive memories (CRD) and teacher-output caches key on.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+class Indexed(Dataset):
+    """Wrap a ``(image, target)`` dataset so items become ``(image, target, index)``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def targets(self):
+        return self.dataset.targets
+
+    def __getitem__(self, index: int):
+        image, target = self.dataset[index]
+        return image, target, index
+
+
+class ClassificationDataModule(pl.LightningDataModule):
+    """Base for image classification data: subclasses set ``train_set``/``val_set``/``test_set`` in ``setup``.
+
+    ``num_classes``, ``in_chans`` and ``image_size`` are class attributes or set in ``__init__`` so
+    the CLI can link them into the model before any data is read. The validation split is the test
+    split unless a subclass says otherwise (the KD literature's CIFAR/ImageNet protocol).
+    """
+
+    num_classes: int
+    in_chans: int
+    image_size: int
+
+    def __init__(
+        self, data_dir: str = "data", batch_size: int = 64, num_workers: int = 2, pin_memory: bool = True, seed: int = 0
+    ):
+        super().__init__()
+        self.seed = seed
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def train_targets(self) -> torch.Tensor:
+        """Labels of the training split in dataset-index order (every split dataset has ``.targets``)."""
+        if self.train_set is None:
+            self.setup("fit")
+        return torch.as_tensor(self.train_set.targets, dtype=torch.long)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            drop_last=False,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler[int]):
+    """Shuffles with a permutation that depends only on ``(seed, epoch)``, so resume is exact.
+
+    Lightning calls ``set_epoch`` before every epoch; under DDP it swaps in a
+    ``DistributedSampler``, which is epoch-seeded the same way.
+    """
+
+    def __init__(self, length: int, seed: int = 0):
+        self.length, self.seed, self.epoch = length, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.length, generator=generator).tolist())

@@ -1,0 +1,85 @@
+"""The scikit-learn digits (1,797 8×8 grey images, 10 classes): the embedded default dataset.
+
+It ships inside scikit-learn, so the demo and the fast tests need no download. Project choices:
+a fixed stratified 80/20 split (seed 0, the 20% serves as validation and test), images upscaled
+once to ``image_size`` (default 16, so VGG's four poolings still fit), a random shift of up to
+``pad`` pixels as training augmentation (no flip: digits are not mirror-symmetric).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from .augment import random_crop_flip, step_generator
+from .base import ClassificationDataModule
+
+DIGITS_SEED = 0
+
+
+class TensorImages(Dataset):
+    """Images held as one float tensor (augmentation happens per batch, after transfer)."""
+
+    def __init__(self, images: torch.Tensor, targets: torch.Tensor):
+        self.images, self.targets = images, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int):
+        return self.images[index], self.targets[index], index
+
+
+def stratified_split(targets: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of a per-class split: the same fraction of every class goes to the test side."""
+    generator = torch.Generator().manual_seed(seed)
+    train, test = [], []
+    for cls in targets.unique(sorted=True):
+        members = (targets == cls).nonzero().flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        n_test = round(len(members) * test_fraction)
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return torch.cat(train).sort().values, torch.cat(test).sort().values
+
+
+class DigitsDataModule(ClassificationDataModule):
+    num_classes = 10
+    in_chans = 1
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        image_size: int = 16,
+        pad: int = 2,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+    ):
+        super().__init__(data_dir=".", batch_size=batch_size, num_workers=num_workers, pin_memory=False, seed=seed)
+        self.image_size = image_size
+        self.pad = pad
+        self.test_fraction = test_fraction
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+        if self.image_size != images.shape[-1]:
+            images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
+        targets = torch.tensor(digits.target, dtype=torch.long)
+        train_idx, test_idx = stratified_split(targets, self.test_fraction, DIGITS_SEED)
+        mean, std = images[train_idx].mean(), images[train_idx].std()
+        images = (images - mean) / std
+        self.train_set = TensorImages(images[train_idx], targets[train_idx])
+        self.val_set = self.test_set = TensorImages(images[test_idx], targets[test_idx])
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.pad and self.trainer is not None and self.trainer.training:
+            images, targets, index = batch
+            generator = step_generator(self.seed, self.trainer.global_step, images.device)
+            batch = (random_crop_flip(images, self.pad, flip=False, generator=generator), targets, index)
+        return batch

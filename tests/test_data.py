@@ -1,0 +1,323 @@
+"""The dataset DataModules on tiny fake files in the real formats (see fakedata.py)."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import re
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from fakedata import write_fake_cifar100, write_fake_fashion_mnist, write_fake_image_folder
+
+from distill.data.cifar import CIFAR100_MD5, CIFAR100_MEAN, CIFAR100_STD, CIFAR100DataModule
+from distill.data.fashion_mnist import FashionMNISTDataModule
+from distill.data.imagenet import ImageNetDataModule
+
+PIPELINES = ["torchvision", "device"]
+
+
+def cifar(root: Path, **kwargs) -> CIFAR100DataModule:
+    kwargs = {"verify_md5": False, "num_workers": 0, "batch_size": 16, **kwargs}
+    return CIFAR100DataModule(data_dir=str(root), **kwargs)
+
+
+def attach(dm, training: bool, step: int = 0) -> None:
+    """Stand-in for the Trainer fields the device pipeline reads."""
+    dm.trainer = SimpleNamespace(training=training, global_step=step)
+
+
+def normalised(raw: torch.Tensor, mean, std) -> torch.Tensor:
+    mean, std = torch.tensor(mean).view(1, -1, 1, 1), torch.tensor(std).view(1, -1, 1, 1)
+    return (raw.float() / 255 - mean) / std
+
+
+# --- CIFAR-100 ---------------------------------------------------------------------------------------
+
+
+def test_cifar_md5s_are_torchvisions():
+    from torchvision.datasets import CIFAR100
+
+    official = dict(CIFAR100.train_list + CIFAR100.test_list)
+    official[CIFAR100.meta["filename"]] = CIFAR100.meta["md5"]
+    assert CIFAR100_MD5 == official
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_cifar_eval_batch_is_the_normalised_file_content(tmp_path, pipeline):
+    dm = cifar(write_fake_cifar100(tmp_path), pipeline=pipeline)
+    dm.setup("fit")
+    assert len(dm.train_set) == 200 and len(dm.test_set) == 100 and dm.classes[3] == "fine_3"
+    images, targets, index = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    entry = pickle.loads((tmp_path / "cifar-100-python" / "test").read_bytes(), encoding="latin1")
+    raw = torch.from_numpy(entry["data"][:16]).view(16, 3, 32, 32)
+    assert images.dtype == torch.float32 and images.shape == (16, 3, 32, 32)
+    torch.testing.assert_close(images, normalised(raw, CIFAR100_MEAN, CIFAR100_STD))
+    assert targets.tolist() == entry["fine_labels"][:16] and index.tolist() == list(range(16))
+    train = pickle.loads((tmp_path / "cifar-100-python" / "train").read_bytes(), encoding="latin1")
+    assert dm.train_targets.tolist() == train["fine_labels"]
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_cifar_train_batch(tmp_path, pipeline):
+    dm = cifar(write_fake_cifar100(tmp_path), pipeline=pipeline)
+    dm.setup("fit")
+    attach(dm, training=True)
+    batch = next(iter(dm.train_dataloader()))
+    if pipeline == "device":
+        assert batch[0].dtype == torch.uint8  # what crosses to the device
+    images, targets, index = dm.on_after_batch_transfer(batch, 0)
+    assert images.dtype == torch.float32 and images.shape == (16, 3, 32, 32)
+    low, high = normalised(torch.tensor([0, 255]).view(2, 1, 1, 1).expand(2, 3, 1, 1), CIFAR100_MEAN, CIFAR100_STD)
+    assert (images >= low - 1e-5).all() and (images <= high + 1e-5).all()
+    assert index.unique().numel() == 16 and torch.equal(targets, dm.train_targets[index])
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_cifar_pads_with_black_before_normalising(tmp_path, pipeline):
+    dm = cifar(write_fake_cifar100(tmp_path, per_class_train=1), pipeline=pipeline)
+    white = torch.full((256, 3, 32, 32), 255, dtype=torch.uint8)
+    if pipeline == "device":
+        attach(dm, training=True)
+        images = dm.on_after_batch_transfer((white, torch.zeros(256), torch.arange(256)), 0)[0]
+    else:
+        transform = dm.transform(train=True)
+        images = torch.stack([transform(image) for image in white])
+    extremes = torch.tensor([0, 255]).view(2, 1, 1, 1).expand(2, 3, 1, 1)
+    black_px, white_px = normalised(extremes, CIFAR100_MEAN, CIFAR100_STD)
+    is_black = torch.isclose(images, black_px.expand_as(images))
+    assert (is_black | torch.isclose(images, white_px.expand_as(images))).all()
+    assert 0.05 < is_black.float().mean() < 0.3  # E[padding share] = 1 - (1 - E|d - 4|/32)² ≈ 13%
+
+
+def marked_positions(dm, steps: int, n: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column where one marked pixel (5, 5) lands after the device augmentation, per draw."""
+    images = torch.zeros(n, 3, 32, 32, dtype=torch.uint8)
+    images[:, :, 5, 5] = 255
+    rows, cols = [], []
+    for step in range(steps):
+        attach(dm, training=True, step=step)
+        out = dm.on_after_batch_transfer((images, torch.zeros(n), torch.arange(n)), 0)[0][:, 0]
+        flat = out.flatten(1).argmax(1)
+        rows.append(flat // 32)
+        cols.append(flat % 32)
+    return torch.cat(rows), torch.cat(cols)
+
+
+def chi_square_uniform(values: torch.Tensor, k: int) -> float:
+    counts = torch.bincount(values, minlength=k).double()
+    assert len(counts) == k
+    expected = len(values) / k
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
+def test_device_crop_offsets_uniform_and_flip_half(tmp_path):
+    dm = cifar(tmp_path, pipeline="device", seed=1)
+    rows, cols = marked_positions(dm, steps=16)
+    # Padded by 4, the pixel sits at (9, 9): an offset d moves it to 9 - d, a flip mirrors the column.
+    flipped = cols >= 16
+    dy = 9 - rows
+    dx = torch.where(flipped, cols - 22, 9 - cols)
+    assert dy.min() == 0 and dy.max() == 8 and dx.min() == 0 and dx.max() == 8
+    assert chi_square_uniform(dy, 9) < 26.1 and chi_square_uniform(dx, 9) < 26.1  # χ²(8), p = 0.001
+    assert abs(flipped.float().mean().item() - 0.5) < 0.03  # 4096 draws: sd 0.008
+
+
+def test_device_crops_depend_only_on_seed_and_step(tmp_path):
+    dm = cifar(tmp_path, pipeline="device", seed=3)
+    first = marked_positions(dm, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(first, marked_positions(dm, steps=2)))
+    other_seed = marked_positions(cifar(tmp_path, pipeline="device", seed=4), steps=2)
+    assert not torch.equal(first[1], other_seed[1])
+    assert not torch.equal(first[0][:256], first[0][256:])  # steps differ
+
+
+def test_cifar_missing_files_error_names_directory_files_and_remedy(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        cifar(tmp_path).setup()
+    message = str(error.value)
+    assert str(tmp_path / "cifar-100-python") in message
+    assert all(name in message for name in ("train", "test", "meta", "download: true", "cifar-100-python.tar.gz"))
+
+
+def test_cifar_checksum_mismatch_names_file_and_hashes(tmp_path):
+    write_fake_cifar100(tmp_path)
+    with pytest.raises(RuntimeError) as error:
+        cifar(tmp_path, verify_md5=True).setup()
+    message = str(error.value)
+    assert str(tmp_path / "cifar-100-python" / "train") in message and CIFAR100_MD5["train"] in message
+    assert f"MD5 {hashlib.md5((tmp_path / 'cifar-100-python' / 'train').read_bytes()).hexdigest()}" in message
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_cifar_reader_runs_no_code_reads_python2_arrays_and_names_missing_keys(tmp_path):
+    write_fake_cifar100(tmp_path)
+    train = tmp_path / "cifar-100-python" / "train"
+    # The official files name numpy's array rebuilder by its numpy 1 path.
+    train.write_bytes(train.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
+    cifar(tmp_path).setup()
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"fine_label_names": Payload()}, protocol=2))
+    with pytest.raises(RuntimeError, match=r"meta: not a CIFAR python-format file \(refusing to load .*getcwd"):
+        cifar(tmp_path).setup()
+    (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"label_names": []}))
+    with pytest.raises(RuntimeError, match=r"meta: not a CIFAR python-format file \(no fine_label_names\)"):
+        cifar(tmp_path).setup()
+
+
+class Recorder(pl.LightningModule):
+    """Checks the batches that reach the step functions."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(3 * 32 * 32, 100)
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        images, targets, index = batch
+        self.seen.append((images.dtype, tuple(images.shape), self.trainer.training))
+        return torch.nn.functional.cross_entropy(self.layer(images.flatten(1)), targets)
+
+    def validation_step(self, batch, batch_idx):
+        self.seen.append((batch[0].dtype, tuple(batch[0].shape), self.trainer.training))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_cifar_trains_under_lightning(tmp_path, pipeline):
+    dm = cifar(write_fake_cifar100(tmp_path), pipeline=pipeline)
+    model = Recorder()
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, datamodule=dm)
+    assert model.seen[:2] == [(torch.float32, (16, 3, 32, 32), True)] * 2
+    assert (torch.float32, (16, 3, 32, 32), False) in model.seen
+
+
+# --- ImageNet (ImageFolder) --------------------------------------------------------------------------
+
+
+def imagenet(root: Path, **kwargs) -> ImageNetDataModule:
+    kwargs = {"image_size": 32, "num_classes": 3, "num_workers": 0, "batch_size": 4, **kwargs}
+    return ImageNetDataModule(data_dir=str(root), **kwargs)
+
+
+def test_imagenet_batches(tmp_path):
+    dm = imagenet(write_fake_image_folder(tmp_path))
+    dm.setup("fit")
+    assert len(dm.train_set) == 9 and len(dm.val_set) == 6 and dm.test_set is dm.val_set
+    assert dm.train_targets.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    for loader in (dm.train_dataloader(), dm.val_dataloader()):
+        images, targets, index = next(iter(loader))
+        assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32)
+        assert targets.dtype == torch.long and index.shape == (4,)
+        assert -2.2 < images.min() and images.max() < 2.7  # ImageNet-normalised [0, 1]
+    assert dm.transform(train=False).transforms[0].size == [37]  # 32 · 256 / 224
+
+
+def test_imagenet_errors_name_the_directory(tmp_path):
+    write_fake_image_folder(tmp_path)
+    with pytest.raises(ValueError, match=r"3 class folders, expected num_classes=1000"):
+        imagenet(tmp_path, num_classes=1000).setup()
+    (tmp_path / "val" / "class_2").rename(tmp_path / "val" / "class_9")
+    with pytest.raises(ValueError, match=r"different class folders .*\['class_2'\].*\['class_9'\]"):
+        imagenet(tmp_path).setup()
+    for png in (tmp_path / "val" / "class_9").iterdir():
+        png.unlink()
+    empty = re.escape(f"{tmp_path / 'val'}: class folder(s) class_9 hold no image")
+    with pytest.raises(FileNotFoundError, match=empty):
+        imagenet(tmp_path).setup()
+    (tmp_path / "val").rename(tmp_path / "test")
+    with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path / 'val'} is not a directory")):
+        imagenet(tmp_path).setup()
+
+
+# --- Fashion-MNIST -----------------------------------------------------------------------------------
+
+
+def idx_payload(path: Path, header: int) -> np.ndarray:
+    data = path.read_bytes()
+    return np.frombuffer(gzip.decompress(data) if path.suffix == ".gz" else data, dtype=np.uint8)[header:]
+
+
+@pytest.mark.parametrize("torchvision_layout", [False, True])
+@pytest.mark.parametrize("gzipped", [True, False])
+def test_fashion_mnist_reads_both_layouts(tmp_path, torchvision_layout, gzipped):
+    write_fake_fashion_mnist(tmp_path, torchvision_layout=torchvision_layout, gzipped=gzipped)
+    dm = FashionMNISTDataModule(data_dir=str(tmp_path), num_workers=0)
+    dm.setup()
+    folder = tmp_path / "FashionMNIST" / "raw" if torchvision_layout else tmp_path
+    suffix = ".gz" if gzipped else ""
+    images = idx_payload(folder / f"t10k-images-idx3-ubyte{suffix}", 16).reshape(10, 1, 28, 28)
+    labels = idx_payload(folder / f"t10k-labels-idx1-ubyte{suffix}", 8)
+    assert torch.equal(dm.test_set.images, torch.from_numpy(images.copy()))
+    assert dm.test_set.targets.tolist() == labels.tolist() and len(dm.train_set) == 20
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_fashion_mnist_batches(tmp_path, pipeline):
+    root = write_fake_fashion_mnist(tmp_path)
+    dm = FashionMNISTDataModule(data_dir=str(root), num_workers=0, batch_size=8, pipeline=pipeline)
+    dm.setup()
+    images, _, _ = dm.on_after_batch_transfer(next(iter(dm.test_dataloader())), 0)
+    torch.testing.assert_close(images, normalised(dm.test_set.images[:8], (0.2860,), (0.3530,)))
+    attach(dm, training=True)
+    images, targets, index = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    assert images.dtype == torch.float32 and images.shape == (8, 1, 28, 28)
+    assert torch.equal(targets, dm.train_targets[index])
+
+
+def test_fashion_mnist_errors_name_the_file(tmp_path):
+    where = re.escape(f"in {tmp_path} or {tmp_path}/FashionMNIST/raw")
+    with pytest.raises(FileNotFoundError, match=r"no train-images-idx3-ubyte.*" + where):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).setup()
+    write_fake_fashion_mnist(tmp_path)
+    labels = tmp_path / "train-labels-idx1-ubyte.gz"
+    labels.write_bytes(gzip.compress(b"\x00\x00\x08\x03" + gzip.decompress(labels.read_bytes())[4:]))
+    with pytest.raises(ValueError, match=re.escape(f"{labels}: magic number 0x00000803, expected 0x00000801")):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).setup()
+    write_fake_fashion_mnist(tmp_path)
+    labels.write_bytes(gzip.compress(gzip.decompress(labels.read_bytes())[:-1]))
+    with pytest.raises(ValueError, match=re.escape(f"{labels}: 27 bytes, expected 28 for shape [20]")):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).setup()
+    write_fake_fashion_mnist(tmp_path, n_train=19)
+    write_fake_fashion_mnist(tmp_path / "more", n_train=20)
+    labels.write_bytes((tmp_path / "more" / labels.name).read_bytes())
+    with pytest.raises(ValueError, match=re.escape(f"{labels}: 20 labels for the 19 images")):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).setup()
+    labels.write_bytes(labels.read_bytes()[:-9])
+    with pytest.raises(ValueError, match=re.escape(f"{labels}: unreadable")):
+        FashionMNISTDataModule(data_dir=str(tmp_path)).setup()
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_real_files_match_the_protocol_statistics():
+    dm = FashionMNISTDataModule(data_dir=str(DEBIAN_FASHION_MNIST))
+    dm.setup()
+    pixels = dm.train_set.images.float() / 255
+    assert len(dm.train_set) == 60000 and len(dm.test_set) == 10000
+    assert round(pixels.mean().item(), 4) == 0.2860 and round(pixels.std().item(), 4) == 0.3530
+    assert dm.train_targets.bincount().tolist() == [6000] * 10
