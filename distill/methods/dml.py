@@ -16,7 +16,7 @@ from .base import DistillModule
 class DML(DistillModule):
     """Args:
     student: zoo name of the first network (the one reported as ``val/top1``).
-    peer: zoo name of the second network (reported as ``val/peer_top1``).
+    peer: zoo name of the second network (reported as ``val/peer_top1``); default: same as ``student``.
     temperature: softmax temperature of the mutual KL (1 in the paper).
     ce_weight: weight of each network's cross-entropy.
     kl_weight: weight of each network's KL to its partner.
@@ -27,7 +27,7 @@ class DML(DistillModule):
     def __init__(
         self,
         student: str = "resnet32",
-        peer: str = "resnet32",
+        peer: str | None = None,
         temperature: float = 1.0,
         ce_weight: float = 1.0,
         kl_weight: float = 1.0,
@@ -37,7 +37,7 @@ class DML(DistillModule):
         self.save_hyperparameters()
         self.temperature, self.ce_weight, self.kl_weight = temperature, ce_weight, kl_weight
         self.student = create_model(student, num_classes=self.num_classes, in_chans=self.in_chans)
-        self.peer = create_model(peer, num_classes=self.num_classes, in_chans=self.in_chans)
+        self.peer = create_model(peer or student, num_classes=self.num_classes, in_chans=self.in_chans)
 
     def forward(self, images):
         return self.student(images)
