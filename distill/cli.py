@@ -1,10 +1,13 @@
 """``distill fit|validate|test|predict --config ...``: LightningCLI with the project's defaults.
 
 - The DataModule's ``num_classes``, ``in_chans`` and ``image_size`` are linked into the model.
-- Runs live under ``runs/<name>/version_<n>/`` (CSV metrics, ``checkpoints/last.ckpt`` and the best
-  by ``val/top1``); ``--ckpt_path runs/.../last.ckpt`` resumes.
-- The checkpoint callback is a fixed argument group (``--checkpoint.*``), so a ``callbacks`` list
-  given on the command line cannot drop it (DESIGN.md: CLI lists replace YAML lists).
+- Runs live under ``runs/<name>/version_<n>/`` (CSV metrics, ``checkpoints/last.ckpt`` written
+  every epoch, and ``best-epoch<k>.ckpt`` by ``val/top1``); ``--ckpt_path runs/.../last.ckpt`` resumes
+  in the same directory.
+- The two checkpoint callbacks are fixed argument groups (``--checkpoint.*``, ``--last_checkpoint.*``),
+  so a ``callbacks`` list given on the command line cannot drop them (DESIGN.md: CLI lists replace
+  YAML lists). ``last`` is its own callback because Lightning's ``save_last`` only writes when the
+  monitored metric improved.
 """
 from __future__ import annotations
 
@@ -28,12 +31,18 @@ def default_run_name(config) -> str:
     return "/".join([dataset, method, "-".join(nets)])
 
 
-def resumed_version(ckpt_path: str | None) -> str | None:
-    """``version_<n>`` when resuming from a checkpoint inside a run directory, else ``None``."""
+def resumed_run(ckpt_path: str | None, save_dir: str) -> tuple[str, str] | None:
+    """``(name, version)`` when resuming from ``<save_dir>/<name>/version_<n>/checkpoints/*.ckpt``."""
     if not ckpt_path or ckpt_path in ("last", "best", "hpc", "registry"):
         return None
-    parent = Path(ckpt_path).resolve().parent
-    return parent.parent.name if parent.name == "checkpoints" and parent.parent.name.startswith("version_") else None
+    version_dir = Path(ckpt_path).resolve().parent.parent
+    if Path(ckpt_path).resolve().parent.name != "checkpoints" or not version_dir.name.startswith("version_"):
+        return None
+    try:
+        name = version_dir.parent.relative_to(Path(save_dir).resolve())
+    except ValueError:
+        return None
+    return str(name), version_dir.name
 
 
 class DistillCLI(LightningCLI):
@@ -41,13 +50,15 @@ class DistillCLI(LightningCLI):
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/top1",
                 "checkpoint.mode": "max",
-                "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:03d}",
                 "checkpoint.auto_insert_metric_name": False,
+                "last_checkpoint.filename": "last",
+                "last_checkpoint.enable_version_counter": False,
                 "trainer.default_root_dir": "runs",
                 "trainer.logger": {
                     "class_path": "pytorch_lightning.loggers.CSVLogger",
@@ -60,16 +71,18 @@ class DistillCLI(LightningCLI):
         """Name unnamed runs after their dataset, method and networks (a predictable run directory);
         ``fit --ckpt_path runs/<name>/version_<n>/checkpoints/x.ckpt`` continues in that version."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        resumed = resumed_version(config.get("ckpt_path")) if self.subcommand == "fit" else None
         loggers = config.trainer.logger
         for logger in loggers if isinstance(loggers, list) else [loggers]:
             init_args = getattr(logger, "init_args", None)
-            if init_args is None:
+            if init_args is None or "name" not in init_args:
                 continue
-            if "name" in init_args and not init_args.name:
+            resumed = None
+            if self.subcommand == "fit" and init_args.get("version") is None:
+                resumed = resumed_run(config.get("ckpt_path"), init_args.get("save_dir") or ".")
+            if resumed and init_args.name in (None, resumed[0]):
+                init_args.name, init_args.version = resumed
+            elif not init_args.name:
                 init_args.name = default_run_name(config)
-            if resumed is not None and "version" in init_args and init_args.version is None:
-                init_args.version = resumed
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
