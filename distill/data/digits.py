@@ -3,7 +3,9 @@
 It ships inside scikit-learn, so the demo and the fast tests need no download. Project choices:
 a fixed stratified 80/20 split (seed 0, the 20% serves as validation and test), images upscaled
 once to ``image_size`` (default 16, so VGG's four poolings still fit), a random shift of up to
-``pad`` pixels as training augmentation (no flip: digits are not mirror-symmetric).
+``pad`` pixels as training augmentation (no flip: digits are not mirror-symmetric), and
+``train_fraction`` to keep a stratified subset of the training split (the demo's students learn
+from 10% of it, where a teacher's soft targets visibly matter; the full digits are too easy).
 """
 from __future__ import annotations
 
@@ -54,12 +56,16 @@ class DigitsDataModule(ClassificationDataModule):
         image_size: int = 16,
         pad: int = 2,
         test_fraction: float = 0.2,
+        train_fraction: float = 1.0,
         seed: int = 0,
     ):
         super().__init__(data_dir=".", batch_size=batch_size, num_workers=num_workers, pin_memory=False, seed=seed)
         self.image_size = image_size
         self.pad = pad
         self.test_fraction = test_fraction
+        if not 0 < train_fraction <= 1:
+            raise ValueError(f"train_fraction={train_fraction}: expected a fraction in (0, 1]")
+        self.train_fraction = train_fraction
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -72,8 +78,11 @@ class DigitsDataModule(ClassificationDataModule):
             images = F.interpolate(images, size=self.image_size, mode="bilinear", align_corners=False)
         targets = torch.tensor(digits.target, dtype=torch.long)
         train_idx, test_idx = stratified_split(targets, self.test_fraction, DIGITS_SEED)
-        mean, std = images[train_idx].mean(), images[train_idx].std()
+        mean, std = images[train_idx].mean(), images[train_idx].std()  # of the whole train split
         images = (images - mean) / std
+        if self.train_fraction < 1:
+            _, kept = stratified_split(targets[train_idx], self.train_fraction, DIGITS_SEED)
+            train_idx = train_idx[kept]
         self.train_set = TensorImages(images[train_idx], targets[train_idx])
         self.val_set = self.test_set = TensorImages(images[test_idx], targets[test_idx])
 
