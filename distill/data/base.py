@@ -62,17 +62,19 @@ class ClassificationDataModule(pl.LightningDataModule):
             self.setup("fit")
         return torch.as_tensor(self.train_set.targets, dtype=torch.long)
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, train: bool, collate_fn=None, num_workers: int | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")
+        workers = self.num_workers if num_workers is None else num_workers
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
             drop_last=False,
-            num_workers=self.num_workers,
+            collate_fn=collate_fn,
+            num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
+            persistent_workers=workers > 0,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,33 +1,20 @@
-"""CIFAR-100 from the official python-format files, and the two uint8-tensor pipelines it shares with
-the other small sets (Fashion-MNIST).
+"""CIFAR-100 from the official python-format files.
 
 Protocol (CRD benchmark, METHODS.md §1): train = random crop 32 with zero padding 4 + horizontal
 flip + normalisation; test = normalisation only; the test split is also the validation split.
 
-Pipelines (``pipeline`` argument), the same protocol either way:
-
-- ``"torchvision"``: per-sample torchvision transforms on uint8 tensors in DataLoader workers.
-- ``"device"``: uint8 batches are sliced from the one in-memory tensor (one indexing op per batch,
-  in the main process), moved to the device and augmented + normalised there as a whole batch in
-  ``on_after_batch_transfer``. Crops are drawn from a generator seeded by ``(seed, global_step)``,
-  so a resumed run draws the same crops as an uninterrupted one (project choice).
+Either pipeline of :mod:`distill.data.tensor` (``pipeline`` argument) applies the same protocol.
 """
 from __future__ import annotations
 
 import hashlib
 import pickle
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
 
-from .augment import random_crop_flip, step_generator
-from .base import ClassificationDataModule, EpochShuffleSampler
-
-Pipeline = Literal["torchvision", "device"]
+from .tensor import Pipeline, UInt8ImageDataModule
 
 CIFAR100_FOLDER = "cifar-100-python"
 # The official files' MD5s, as torchvision.datasets.CIFAR100 lists them.
@@ -40,113 +27,6 @@ CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_TGZ_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
-
-
-class UInt8Images(Dataset):
-    """Images held as one uint8 tensor ``(N, C, H, W)``; items are ``(transform(image), target, index)``."""
-
-    def __init__(self, images: torch.Tensor, targets: torch.Tensor, transform=None):
-        if len(images) != len(targets):
-            raise ValueError(f"{len(images)} images but {len(targets)} targets")
-        self.images, self.targets, self.transform = images, targets, transform
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, index: int):
-        image = self.images[index]
-        if self.transform is not None:
-            image = self.transform(image)
-        return image, int(self.targets[index]), index
-
-
-class UInt8Batches(UInt8Images):
-    """The same images served a batch at a time, untransformed.
-
-    The DataLoader hands ``__getitems__`` all indices of a batch, answered by one indexing op; the
-    loader's ``collate_fn`` must then be :func:`already_collated`.
-    """
-
-    def __getitems__(self, indices: list[int]):
-        index = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[index], self.targets[index], index
-
-
-def already_collated(batch):
-    """``collate_fn`` for :class:`UInt8Batches`: the batch is already one tuple of tensors."""
-    return batch
-
-
-def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` → float32 scaled to [0, 1] and normalised per channel."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float().div_(255) - mean_t) / std_t
-
-
-class UInt8ImageDataModule(ClassificationDataModule):
-    """Base for small sets read into memory as uint8 tensors, served by either pipeline.
-
-    Subclasses set ``mean``, ``std``, ``pad`` and ``flip`` and implement :meth:`read_splits`.
-    """
-
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    pad: int
-    flip: bool
-
-    def __init__(
-        self, data_dir: str, batch_size: int, num_workers: int, pin_memory: bool, seed: int, pipeline: Pipeline
-    ):
-        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed)
-        if pipeline not in ("torchvision", "device"):
-            raise ValueError(f"pipeline={pipeline!r}: expected 'torchvision' or 'device'")
-        self.pipeline = pipeline
-
-    def read_splits(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """``((train_images, train_targets), (test_images, test_targets))``, images uint8 ``(N, C, H, W)``."""
-        raise NotImplementedError
-
-    def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
-            return
-        (train_x, train_y), (test_x, test_y) = self.read_splits()
-        if self.pipeline == "device":
-            self.train_set, test_set = UInt8Batches(train_x, train_y), UInt8Batches(test_x, test_y)
-        else:
-            self.train_set = UInt8Images(train_x, train_y, self.transform(train=True))
-            test_set = UInt8Images(test_x, test_y, self.transform(train=False))
-        self.val_set = self.test_set = test_set
-
-    def transform(self, train: bool) -> v2.Compose:
-        """The per-sample torchvision pipeline: zero-padded random crop and flip when training, then normalise."""
-        steps = []
-        if train and self.pad:
-            steps.append(v2.RandomCrop(self.image_size, padding=self.pad, fill=0))
-        if train and self.flip:
-            steps.append(v2.RandomHorizontalFlip())
-        return v2.Compose([*steps, v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)])
-
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
-        if self.pipeline == "torchvision" or dataset is None:
-            return super()._loader(dataset, train)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
-            collate_fn=already_collated,
-            num_workers=0,
-            pin_memory=self.pin_memory and torch.cuda.is_available(),
-        )
-
-    def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        if self.pipeline != "device":
-            return batch
-        images, targets, index = batch
-        if self.trainer is not None and self.trainer.training:
-            generator = step_generator(self.seed, self.trainer.global_step, images.device)
-            images = random_crop_flip(images, self.pad, self.flip, generator)
-        return normalize(images, self.mean, self.std), targets, index
 
 
 class _ArrayUnpickler(pickle.Unpickler):

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .cifar import Pipeline, UInt8ImageDataModule
+from .tensor import Pipeline, UInt8ImageDataModule
 
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
