@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from ..models import StagedNet
 from ..schedules import MultiStep, Schedule
 
 
@@ -41,6 +42,13 @@ class DistillModule(pl.LightningModule):
         nesterov: SGD Nesterov momentum.
         lr_schedule: LR multiplier as a function of the fractional epoch; default ×0.1 at 150/180/210.
         lr_reference_batch: if set, the linear scaling rule: lr × global batch / this value.
+        channels_last: run every network (teacher included) and its inputs in channels-last memory
+            format (faster convolutions on GPUs with tensor cores, notably under ``bf16-mixed``).
+        compile: ``torch.compile`` every network in place (``nn.Module.compile``), so checkpoint
+            keys do not change.
+
+    Mixed precision is the Trainer's: ``--trainer.precision bf16-mixed``. Losses cast to fp32 and the
+    frozen teacher runs under the same autocast, i.e. in reduced precision.
     """
 
     eval_names: tuple[str, ...] = ("",)  # networks evaluated: "" is the main one, others prefix metrics
@@ -57,6 +65,8 @@ class DistillModule(pl.LightningModule):
         nesterov: bool = False,
         lr_schedule: Schedule | None = None,
         lr_reference_batch: int | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         self.num_classes, self.in_chans, self.image_size = num_classes, in_chans, image_size
@@ -64,6 +74,8 @@ class DistillModule(pl.LightningModule):
         self.weight_decay, self.nesterov = weight_decay, nesterov
         self.lr_schedule = lr_schedule if lr_schedule is not None else MultiStep()
         self.lr_reference_batch = lr_reference_batch
+        self.channels_last, self.compile_networks = channels_last, compile
+        self._networks_configured = False
         self.steps_per_epoch = 1
         self.metrics = nn.ModuleDict(
             {f"{split}_{name or 'main'}": top_k_metrics(num_classes) for split in ("train", "val", "test") for name in self.eval_names}
@@ -82,6 +94,25 @@ class DistillModule(pl.LightningModule):
     def param_groups(self) -> list[dict]:
         """Parameter groups for the optimiser (one group by default)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+
+    def networks(self) -> list[nn.Module]:
+        """The networks a forward pass runs: registered staged models, plus an attached teacher."""
+        nets = [m for m in self.children() if isinstance(m, StagedNet)]
+        teacher = self.__dict__.get("teacher")
+        return nets + ([teacher] if teacher is not None else [])
+
+    def configure_model(self) -> None:
+        if self._networks_configured:
+            return
+        self._networks_configured = True
+        for net in self.networks():
+            if self.channels_last:
+                net.to(memory_format=torch.channels_last)
+            if self.compile_networks:
+                net.compile()
+
+    def format_input(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     # ---- optimisation ----------------------------------------------------------------------
     def base_lr(self) -> float:
@@ -109,7 +140,7 @@ class DistillModule(pl.LightningModule):
     # ---- steps -----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         images, targets, index = batch
-        terms, logits = self.training_losses(images, targets, index)
+        terms, logits = self.training_losses(self.format_input(images), targets, index)
         loss = torch.stack(list(terms.values())).sum()
         log = {f"train/loss_{name}": value.detach() for name, value in terms.items()}
         log["train/loss"] = loss.detach()
@@ -126,7 +157,7 @@ class DistillModule(pl.LightningModule):
 
     def _evaluate(self, split: str, batch) -> None:
         images, targets, _ = batch
-        self._log_accuracy(split, self.eval_logits(images), targets)
+        self._log_accuracy(split, self.eval_logits(self.format_input(images)), targets)
 
     def _log_accuracy(self, split: str, logits: dict[str, torch.Tensor], targets: torch.Tensor) -> None:
         for name, value in logits.items():
