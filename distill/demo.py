@@ -33,6 +33,8 @@ JOBS = [
     Job("student", ["student.yaml"], needs_teacher=False),
     Job("kd", ["pair.yaml", "../methods/kd.yaml"]),
     Job("dml", ["pair.yaml", "../methods/dml.yaml"], needs_teacher=False),
+    Job("sskd", ["pair.yaml", "sskd.yaml"]),
+    Job("sokd", ["pair.yaml", "sokd.yaml"]),
 ]
 
 

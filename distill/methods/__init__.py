@@ -2,6 +2,8 @@
 from .base import DistillModule
 from .dml import DML
 from .kd import OfflineKD
+from .sokd import SOKD
+from .sskd import SSKD
 from .supervised import Supervised
 
-__all__ = ["DML", "DistillModule", "OfflineKD", "Supervised"]
+__all__ = ["DML", "DistillModule", "OfflineKD", "SOKD", "SSKD", "Supervised"]

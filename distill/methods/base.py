@@ -84,7 +84,8 @@ class DistillModule(pl.LightningModule):
 
     # ---- what a method defines -------------------------------------------------------------
     def training_losses(self, images, targets, index) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Return the *weighted* loss terms (summed into the total) and the main network's logits."""
+        """Return the *weighted* loss terms (summed into the total) and the main network's logits
+        (``None`` where a step computes none)."""
         raise NotImplementedError
 
     def eval_logits(self, images) -> dict[str, torch.Tensor]:
@@ -146,7 +147,8 @@ class DistillModule(pl.LightningModule):
         log["train/loss"] = loss.detach()
         log["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         self.log_dict(log, on_step=True, on_epoch=True, batch_size=len(targets))
-        self._log_accuracy("train", {"": logits.detach()}, targets)
+        if logits is not None:  # a phase without labels (SSKD's backbone phases) computes no logits
+            self._log_accuracy("train", {"": logits.detach()}, targets)
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -50,6 +50,11 @@ class TeacherMixin:
             self.teacher.train(mode and self.teacher_train_mode)
         return self
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Lightning does not call ``train()`` when fitting starts and, after validation, restores the
+        # modes of registered modules only: the unregistered teacher's mode is set here.
+        self.teacher.train(self.teacher_train_mode)
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["distill_teacher"] = dict(self.teacher_info)

@@ -1,0 +1,294 @@
+"""SSKD: Stage-by-Stage Knowledge Distillation (Gao, Shen, et al., 2018, "Stage-by-stage knowledge
+distillation").
+
+Training is decomposed into phases [paper]: in backbone phase k the student's stage k learns,
+without labels, to reproduce the frozen teacher's stage-k output (raw MSE, no attention or Gram
+transform) on inputs from the student's own earlier stages; then the backbone is fixed and only the
+task head learns from the labels, so no weight balances a task loss against a distillation loss.
+The :class:`~distill.callbacks.sskd.SSKDPhases` callback owns the epochs of the phases and the LR
+cycle restarted in each; this module derives the phase from ``current_epoch`` (so a resumed run is
+in the right phase) and routes the gradients.
+
+The project's readings of METHODS.md §4 [chosen], each an argument below:
+
+- Stages are the networks' resolution stages; the student's stem belongs to stage 1. Student and
+  teacher must have the same number of stages (stage k mimics stage k).
+- A 1x1 conv + BN adapter maps the student's stage k to the teacher's channels only where they
+  differ; where spatial sizes differ the larger map is average-pooled to the smaller one.
+- The head phase trains the head: the layers between the last stage and the pooling where a
+  network has them (WRN's final BN; ShuffleV2's and MobileNetV2's 1x1 conv + BN: no other phase
+  trains them) and the classifier. ``head_trains="classifier"`` is the literal "only the
+  classifier" of METHODS.md §4 (identical for ResNets and VGGs), ``"last_stage_and_head"`` its option.
+
+Freezing (DESIGN.md pitfalls): frozen parts run without autograd, their BatchNorm is put back in
+eval mode by every ``train()`` (and at every epoch start), and their ``.grad`` is cleared before
+every optimiser step, since DDP with ``find_unused_parameters`` may hand them zeros: neither
+momentum nor weight decay moves them. ``requires_grad`` never changes. Every phase leaves
+parameters unused, so multi-GPU runs need ``trainer.strategy: ddp_find_unused_parameters_true``;
+plain ``ddp`` is refused at start-up.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning.strategies import DDPStrategy
+from torch import nn
+
+from ..models import StagedNet, create_model, stage_channels
+from ..models.staged import Chain
+from .base import DistillModule
+from .teacher import TeacherMixin, build_teacher
+
+PLANS = ("stage_by_stage", "joint_mimic", "joint_ce")
+HEAD_TRAINS = ("classifier", "head", "last_stage_and_head")
+
+
+@dataclass(frozen=True)
+class Phase:
+    """What one phase trains.
+
+    The student is split into parts ``[stage 1 (with the stem), ..., stage K, final norm, classifier]``.
+    Parts ``first..last`` learn; earlier parts run without autograd and later ones do not run.
+    ``mimic`` lists the (0-based) stages whose mimic losses are trained, ``ce`` whether labels are used.
+    """
+
+    name: str
+    first: int
+    last: int
+    mimic: tuple[int, ...]
+    ce: bool
+
+
+def plan_phases(plan: str, num_stages: int, head_trains: str, freeze_earlier_stages: bool) -> list[Phase]:
+    """The phases of a plan: ``stage_by_stage`` (the paper: K backbone phases, then the head),
+    ``joint_mimic`` (ablation: all stages mimicked in one phase, then the head) or ``joint_ce``
+    (ablation without decomposition: one phase, the whole student on CE + all mimic losses)."""
+    k = num_stages
+    if plan == "joint_ce":
+        return [Phase("joint CE + mimic", 0, k + 1, tuple(range(k)), ce=True)]
+    head_first = {"classifier": k + 1, "head": k, "last_stage_and_head": k - 1}[head_trains]
+    head = Phase("head", head_first, k + 1, (), ce=True)
+    if plan == "joint_mimic":
+        return [Phase("all stages", 0, k - 1, tuple(range(k)), ce=False), head]
+    return [Phase(f"stage {i + 1}", 0 if not freeze_earlier_stages else i, i, (i,), ce=False) for i in range(k)] + [head]
+
+
+def student_parts(net: StagedNet) -> list[nn.Module]:
+    """Views of ``net`` in the order of :class:`Phase` parts (built on demand: SyncBatchNorm swaps modules)."""
+    stages = list(net.stages)
+    head = net.head
+    return [Chain(net.stem, stages[0]), *stages[1:], head.pre, Chain(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head.classifier)]
+
+
+def make_adapter(student_channels: int, teacher_channels: int) -> nn.Module:
+    """1x1 conv + BN where the channel counts differ, identity otherwise [chosen]."""
+    if student_channels == teacher_channels:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels))
+
+
+def mimic_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+    """Raw MSE between stage outputs, in fp32; the larger map is average-pooled to the smaller size."""
+    s, t = student_feature.float(), teacher_feature.float()
+    size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
+    if s.shape[-2:] != size:
+        s = F.adaptive_avg_pool2d(s, size)
+    if t.shape[-2:] != size:
+        t = F.adaptive_avg_pool2d(t, size)
+    return F.mse_loss(s, t)
+
+
+def require_unused_parameter_search(strategy) -> None:
+    """Refuse DDP without ``find_unused_parameters``: every SSKD phase leaves parameters unused."""
+    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise ValueError(
+            "SSKD leaves parameters unused in every phase, so DDP must look for them: set "
+            "trainer.strategy to ddp_find_unused_parameters_true (got DDP with find_unused_parameters=False)"
+        )
+
+
+class SSKD(TeacherMixin, DistillModule):
+    """Stage-by-stage distillation of ``student`` from a frozen ``teacher``; phases from :class:`SSKDPhases`.
+
+    Args:
+        student: zoo name of the student.
+        teacher: zoo name of the teacher (same number of resolution stages as the student).
+        teacher_weights: the teacher's checkpoint; ``None`` only for smoke tests.
+        plan: ``stage_by_stage`` (the paper), ``joint_mimic`` or ``joint_ce`` (ablations, see
+            :func:`plan_phases`).
+        head_trains: what the head phase trains [chosen: ``head`` = final norm + classifier]:
+            ``classifier``, ``head`` or ``last_stage_and_head``.
+        freeze_earlier_stages: in backbone phase k, keep stages < k frozen (the paper; ``False`` is
+            the option of METHODS.md §4: they learn from stage k's mimic loss too).
+        mimic_weight: weight of every mimic loss; 1 is the paper's raw MSE. Only the ``joint_ce``
+            ablation needs another value, where it balances the cross-entropy.
+        student_kwargs: extra constructor arguments of the student.
+        teacher_kwargs: extra constructor arguments of the teacher.
+    """
+
+    eval_names = ("", "teacher")  # the student's val/top1 is not meaningful before the head phase
+
+    def __init__(
+        self,
+        student: str = "resnet20",
+        teacher: str = "resnet56",
+        teacher_weights: str | None = None,
+        plan: Literal["stage_by_stage", "joint_mimic", "joint_ce"] = "stage_by_stage",
+        head_trains: Literal["classifier", "head", "last_stage_and_head"] = "head",
+        freeze_earlier_stages: bool = True,
+        mimic_weight: float = 1.0,
+        student_kwargs: dict | None = None,
+        teacher_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        for key, value, allowed in (("plan", plan, PLANS), ("head_trains", head_trains, HEAD_TRAINS)):
+            if value not in allowed:
+                raise ValueError(f"SSKD {key}={value!r}: expected one of {', '.join(allowed)}")
+        self.mimic_weight = mimic_weight
+        self.student = create_model(student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {}))
+        self.attach_teacher(*build_teacher(teacher, teacher_weights, self.num_classes, self.in_chans, teacher_kwargs))
+        s_channels = stage_channels(self.student, self.in_chans, self.image_size)
+        t_channels = stage_channels(self.teacher, self.in_chans, self.image_size)
+        if len(s_channels) != len(t_channels):
+            raise ValueError(
+                f"SSKD matches student stage k with teacher stage k, but student {student} has "
+                f"{len(s_channels)} stages and teacher {teacher} has {len(t_channels)}"
+            )
+        self.adapters = nn.ModuleList(make_adapter(s, t) for s, t in zip(s_channels, t_channels))
+        self.phases = plan_phases(plan, len(s_channels), head_trains, freeze_earlier_stages)
+        self.phase_bounds: list[int] | None = None  # epochs where the phases start, then the end; set by SSKDPhases
+
+    # ---- phases ------------------------------------------------------------------------------
+    def set_phase_epochs(self, epochs: Sequence[int]) -> None:
+        """Called by :class:`SSKDPhases` at fit setup with the epochs of every phase."""
+        if len(epochs) != len(self.phases):
+            raise ValueError(f"SSKD has {len(self.phases)} phases ({self.phase_names()}), got epochs for {len(epochs)}")
+        self.phase_bounds = [sum(epochs[:i]) for i in range(len(epochs) + 1)]
+
+    def phase_names(self) -> str:
+        return ", ".join(p.name for p in self.phases)
+
+    @property
+    def phase_index(self) -> int:
+        """0-based index of the phase that contains ``current_epoch`` (the last one past the end)."""
+        if self.phase_bounds is None:
+            raise RuntimeError("SSKD has no phase epochs: add the SSKDPhases callback to trainer.callbacks")
+        return bisect.bisect_right(self.phase_bounds[:-1], self.current_epoch) - 1
+
+    @property
+    def phase(self) -> Phase:
+        return self.phases[self.phase_index]
+
+    def describe_phase(self) -> str:
+        """One line for the log: what the current phase trains, on what, and whether val/top1 means anything."""
+        index, phase = self.phase_index, self.phase
+        names = [f"stage {k + 1}" for k in range(len(self.adapters))] + ["final norm", "classifier"]
+        names[0] += " (with the stem)"
+        has_norm = any(True for _ in self.student.head.pre.parameters())
+        trained = [n for i, n in enumerate(names) if phase.first <= i <= phase.last and (has_norm or n != "final norm")]
+        text = f"SSKD phase {index + 1}/{len(self.phases)} ({phase.name}): trains the student's {', '.join(trained)}"
+        if phase.mimic:
+            text += " to mimic teacher stage " + ", ".join(str(k + 1) for k in phase.mimic)
+        if phase.ce:
+            text += (" and " if phase.mimic else " ") + "on the labels"
+        else:
+            text += "; val/top1 uses an untrained head and is not meaningful before the head phase"
+        return text
+
+    def trained_modules(self, phase: Phase) -> list[nn.Module]:
+        parts = student_parts(self.student)
+        return parts[phase.first : phase.last + 1] + [self.adapters[k] for k in phase.mimic]
+
+    def frozen_modules(self, phase: Phase) -> list[nn.Module]:
+        parts = student_parts(self.student)
+        return parts[: phase.first] + parts[phase.last + 1 :] + [a for k, a in enumerate(self.adapters) if k not in phase.mimic]
+
+    def train(self, mode: bool = True):
+        """Train mode for what the phase trains; frozen parts (BatchNorm included) stay in eval mode."""
+        super().train(mode)
+        if mode and self.phase_bounds is not None:
+            for module in self.frozen_modules(self.phase):
+                module.eval()
+        return self
+
+    # ---- Lightning hooks -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.phase_bounds is None:
+            raise ValueError(
+                "SSKD needs the SSKDPhases callback in trainer.callbacks (a --trainer.callbacks=[...] on the "
+                "command line replaces the YAML list; append with --trainer.callbacks+=...)"
+            )
+        require_unused_parameter_search(self.trainer.strategy)
+
+    def on_train_epoch_start(self) -> None:
+        self.train()  # a new epoch may start a new phase: re-apply its train/eval modes
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clear the gradients of frozen parameters: SGD then skips them (no momentum, no weight decay)."""
+        trained = {id(p) for module in self.trained_modules(self.phase) for p in module.parameters()}
+        for p in self.parameters():
+            if id(p) not in trained:
+                p.grad = None
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.trainer.sanity_checking or self.phase_bounds is None:
+            return
+        index = self.phase_index
+        metric = self.metrics["val_main"]["top1"]
+        if self.current_epoch == self.phase_bounds[index + 1] - 1 and metric.update_count:
+            suffix = "" if self.phase.ce else "_untrained_head"
+            self.log(f"val/top1_end_of_phase{index + 1}{suffix}", metric.compute())
+
+    # ---- steps ---------------------------------------------------------------------------------
+    def forward(self, images):
+        return self.student(images)
+
+    def eval_logits(self, images):
+        return {"": self.student(images), **self.teacher_eval_logits(images)}
+
+    def run_student(self, images: torch.Tensor, phase: Phase) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """Stage outputs up to ``phase.last`` and the logits when the classifier runs; parts before
+        ``phase.first`` run without autograd."""
+        parts = student_parts(self.student)
+        num_stages = len(self.adapters)
+        x, stages = images, []
+        for i, part in enumerate(parts[: phase.last + 1]):
+            with torch.set_grad_enabled(i >= phase.first and torch.is_grad_enabled()):
+                x = part(x)
+            if i < num_stages:
+                stages.append(x)
+        return stages, x if phase.last == len(parts) - 1 else None
+
+    def mimic_losses(self, images: torch.Tensor, stages: list[torch.Tensor], phase: Phase) -> dict[str, torch.Tensor]:
+        """``mimic_stage<k>`` (1-based) for every mimicked stage: MSE(A_k(f_s^k), f_t^k), weighted."""
+        if not phase.mimic:
+            return {}
+        with torch.no_grad():
+            teacher = self.teacher.forward_stages(images, upto=max(phase.mimic) + 1)
+        return {
+            f"mimic_stage{k + 1}": self.mimic_weight * mimic_loss(self.adapters[k](stages[k]), teacher[k])
+            for k in phase.mimic
+        }
+
+    def training_losses(self, images, targets, index):
+        """Mimic losses of the phase; cross-entropy where the phase uses labels (head, joint_ce).
+        Backbone phases compute no logits, hence no train accuracy."""
+        phase = self.phase
+        stages, logits = self.run_student(images, phase)
+        losses = self.mimic_losses(images, stages, phase)
+        if phase.ce:
+            losses["ce"] = F.cross_entropy(logits.float(), targets)
+        return losses, logits if phase.ce else None
+
+    def training_step(self, batch, batch_idx):
+        self.log("phase", float(self.phase_index + 1), on_step=False, on_epoch=True, batch_size=len(batch[1]))
+        return super().training_step(batch, batch_idx)

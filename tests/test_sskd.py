@@ -1,0 +1,333 @@
+"""SSKD: each phase changes only what it trains (parameters, BN buffers, momentum), the phases follow
+the epochs given, resume mid-phase is exact, DDP ranks agree, the CLI runs, bad configs fail early."""
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.strategies import DDPStrategy
+
+from conftest import CONFIGS, FAST
+from distill.callbacks.sskd import PhaseMultiStep, SSKDPhases
+from distill.cli import build_cli, main
+from distill.data import DigitsDataModule
+from distill.methods import Supervised
+from distill.methods.sskd import SSKD, mimic_loss, require_unused_parameter_search
+from distill.models import create_model
+from distill.tools.runs import read_metrics
+from fakedata import write_fake_cifar100
+
+DIGITS = dict(num_classes=10, in_chans=1, image_size=16)
+LR = 0.05
+
+# wrn_16_2 → wrn_16_1: channels differ at every stage (adapters 0-2), and the head has a final BN.
+STAGE1, STAGE2, STAGE3 = ("student.conv1.", "student.block1."), ("student.block2.",), ("student.block3.",)
+ADAPTER = [("adapters.0.",), ("adapters.1.",), ("adapters.2.",)]
+HEAD = ("student.bn1.", "student.fc.")
+BACKBONE = STAGE1 + STAGE2 + STAGE3 + ADAPTER[0] + ADAPTER[1] + ADAPTER[2]
+
+
+class EpochRecorder(pl.Callback):
+    """Records the phase and LRs of every epoch and the state (parameters, buffers, momentum) at its
+    end; with ``out_dir`` every rank saves its records at the end of training."""
+
+    def __init__(self, out_dir: str | None = None):
+        self.out_dir = out_dir
+        self.phases, self.lrs, self.states, self.momenta = [], [], [], []
+
+    def snapshot(self, trainer, pl_module):
+        self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        names = {id(p): n for n, p in pl_module.named_parameters()}
+        state = trainer.optimizers[0].state
+        self.momenta.append({names[id(p)]: s["momentum_buffer"].clone() for p, s in state.items() if "momentum_buffer" in s})
+
+    def on_train_start(self, trainer, pl_module):
+        self.snapshot(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.phases.append(pl_module.phase_index)
+        self.lrs.append([])
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs[-1].append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.snapshot(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.out_dir:
+            Path(self.out_dir).mkdir(parents=True, exist_ok=True)
+            torch.save({"phases": self.phases, "states": self.states}, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+
+
+class ZeroFilledGrads(pl.Callback):
+    """Gives every parameter without a gradient a zero one, as DDP with find_unused_parameters may."""
+
+    def on_after_backward(self, trainer, pl_module):
+        for p in pl_module.parameters():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+
+
+def fit_digits(epochs, *callbacks, student="wrn_16_1", teacher="wrn_16_2", **module_kwargs):
+    torch.manual_seed(0)
+    module = SSKD(student=student, teacher=teacher, lr=LR, **DIGITS, **module_kwargs)
+    trainer = pl.Trainer(
+        max_epochs=sum(epochs) if epochs else 4, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", devices=1, callbacks=list(callbacks),
+    )
+    trainer.fit(module, DigitsDataModule(batch_size=16))
+    return module
+
+
+def assert_only_changed(before: dict, after: dict, prefixes: tuple[str, ...], what: str):
+    for key in before:
+        assert (not torch.equal(before[key], after[key])) == key.startswith(prefixes), f"{what}: {key}"
+
+
+# plan options → (epochs of the phases, what each phase trains)
+CASES = {
+    "paper": ({}, [2, 1, 1, 1], [STAGE1 + ADAPTER[0], STAGE2 + ADAPTER[1], STAGE3 + ADAPTER[2], HEAD]),
+    "classifier_only": ({"head_trains": "classifier"}, [1, 1, 1, 1],
+                        [STAGE1 + ADAPTER[0], STAGE2 + ADAPTER[1], STAGE3 + ADAPTER[2], ("student.fc.",)]),
+    "last_stage_and_head": ({"head_trains": "last_stage_and_head"}, [1, 1, 1, 1],
+                            [STAGE1 + ADAPTER[0], STAGE2 + ADAPTER[1], STAGE3 + ADAPTER[2], STAGE3 + HEAD]),
+    "unfrozen": ({"freeze_earlier_stages": False}, [1, 1, 1, 1],
+                 [STAGE1 + ADAPTER[0], STAGE1 + STAGE2 + ADAPTER[1], STAGE1 + STAGE2 + STAGE3 + ADAPTER[2], HEAD]),
+    "joint_mimic": ({"plan": "joint_mimic"}, [1, 1], [BACKBONE, HEAD]),
+    "joint_ce": ({"plan": "joint_ce"}, [1], [BACKBONE + HEAD]),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_each_phase_changes_only_what_it_trains(case):
+    kwargs, epochs, trained = CASES[case]
+    rec = EpochRecorder()
+    fit_digits(epochs, SSKDPhases(epochs=epochs), ZeroFilledGrads(), rec, **kwargs)
+    assert rec.phases == [k for k, n in enumerate(epochs) for _ in range(n)]
+    start = 0
+    for k, n in enumerate(epochs):
+        lrs = [lr for epoch in rec.lrs[start : start + n] for lr in epoch]
+        assert lrs[0] == pytest.approx(LR) and all(a > b for a, b in zip(lrs, lrs[1:])), f"phase {k + 1}: {lrs}"
+        before, after = rec.states[start], rec.states[start + n]
+        assert_only_changed(before, after, trained[k], f"phase {k + 1}")  # parameters and BN buffers
+        m_before, m_after = rec.momenta[start], rec.momenta[start + n]
+        for name, buffer in m_after.items():
+            if name.startswith(trained[k]):
+                assert name not in m_before or not torch.equal(m_before[name], buffer), f"phase {k + 1}: {name}"
+            else:  # momentum of frozen parameters is neither created nor moved
+                assert name in m_before and torch.equal(m_before[name], buffer), f"phase {k + 1}: {name}"
+        start += n
+
+
+def test_step_schedule_drops_within_each_phase_and_restarts():
+    s = PhaseMultiStep([8, 4], milestones=(0.5, 0.75), gamma=0.1)
+    assert [s(e) for e in (0, 3.9, 4, 6, 7.9)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+    assert [s(e) for e in (8, 9.9, 10, 11, 12.5)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
+
+
+def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ():
+    s, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 8, 8)
+    assert torch.allclose(mimic_loss(s, t), torch.mean((s - torch.nn.functional.avg_pool2d(t, 2)) ** 2))
+    same = SSKD(student="resnet8", teacher="resnet20", **DIGITS)
+    assert all(isinstance(a, torch.nn.Identity) for a in same.adapters)
+    cross = SSKD(student="ShuffleV1", teacher="resnet32x4", num_classes=100, in_chans=3, image_size=32)
+    assert all(isinstance(a, torch.nn.Sequential) for a in cross.adapters)
+    images = torch.randn(2, 3, 32, 32)
+    stages, _ = cross.run_student(images, cross.phases[2])
+    losses = cross.mimic_losses(images, stages, cross.phases[0]) | cross.mimic_losses(images, stages, cross.phases[2])
+    assert set(losses) == {"mimic_stage1", "mimic_stage3"} and all(torch.isfinite(v) for v in losses.values())
+
+
+@pytest.mark.parametrize(
+    ("pair", "adapters", "epochs"),
+    [
+        ("cifar100/pairs/resnet56_resnet20.yaml", 0, [60] * 4),
+        ("cifar100/pairs/resnet32x4_resnet8x4.yaml", 0, [60] * 4),
+        ("cifar100/pairs/vgg13_vgg8.yaml", 0, [40] * 6),
+        ("cifar100/pairs/wrn_40_2_wrn_40_1.yaml", 3, [60] * 4),
+        ("imagenet/pairs/resnet34_resnet18.yaml", 0, [20] * 5),
+    ],
+)
+def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
+    cli = build_cli(["--config", str(CONFIGS / pair), "--config", str(CONFIGS / "sskd/sskd.yaml"),
+                     "--model.init_args.teacher_weights=null"], run=False)
+    module = cli.model
+    assert isinstance(module, SSKD)
+    assert sum(not isinstance(a, torch.nn.Identity) for a in module.adapters) == adapters
+    phases = [cb for cb in cli.trainer.callbacks if isinstance(cb, SSKDPhases)]
+    assert len(phases) == 1 and phases[0].resolve_epochs(module, cli.trainer.max_epochs) == epochs
+
+
+@pytest.mark.parametrize(
+    ("ablation", "phases", "head_first", "schedule"),
+    [
+        ("joint_mimic", ["all stages", "head"], 3, "CyclicCosine"),
+        ("joint_ce", ["joint CE + mimic"], 0, "CyclicCosine"),
+        ("unfrozen", ["stage 1", "stage 2", "stage 3", "head"], 3, "CyclicCosine"),
+        ("head_and_last_stage", ["stage 1", "stage 2", "stage 3", "head"], 2, "CyclicCosine"),
+        ("classifier_only", ["stage 1", "stage 2", "stage 3", "head"], 4, "CyclicCosine"),
+        ("step_lr", ["stage 1", "stage 2", "stage 3", "head"], 3, "PhaseMultiStep"),
+    ],
+)
+def test_ablation_configs_compose_after_sskd(in_tmp, ablation, phases, head_first, schedule):
+    cli = build_cli(["--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
+                     "--config", str(CONFIGS / "sskd/sskd.yaml"), "--config", str(CONFIGS / f"sskd/ablations/{ablation}.yaml"),
+                     "--model.init_args.teacher_weights=null"], run=False)
+    module, (callback,) = cli.model, [cb for cb in cli.trainer.callbacks if isinstance(cb, SSKDPhases)]
+    assert [p.name for p in module.phases] == phases and module.phases[-1].first == head_first
+    assert type(callback.make_schedule(callback.resolve_epochs(module, 240))).__name__ == schedule
+    stage2 = [p for p in module.phases if p.name == "stage 2"]
+    assert not stage2 or stage2[0].first == (0 if ablation == "unfrozen" else 1)
+
+
+@pytest.fixture
+def digits_teacher(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pt"
+    torch.save(create_model("resnet20", **{k: DIGITS[k] for k in ("num_classes", "in_chans")}).state_dict(), path)
+    return path
+
+
+def digits_cli_args(teacher, epochs, *extra):
+    return [
+        "fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/sskd.yaml"),
+        f"--model.init_args.teacher_weights={teacher}", f"--trainer.max_epochs={epochs}", *FAST, *extra,
+    ]
+
+
+def test_resume_in_the_middle_of_phase_2_equals_uninterrupted(tmp_path, digits_teacher, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # 6 epochs split [2, 2, 1, 1]: stopping after 3 epochs is mid-phase 2
+    main(digits_cli_args(digits_teacher, 6, "--trainer.logger.init_args.name=straight"))
+    main(digits_cli_args(digits_teacher, 6, "--trainer.logger.init_args.name=split", "--trainer.max_steps=6"))
+    first = tmp_path / "runs/split/version_0/checkpoints/last.ckpt"
+    assert torch.load(first, weights_only=True)["epoch"] == 2
+    main(digits_cli_args(digits_teacher, 6, f"--ckpt_path={first}"))
+    straight = torch.load(tmp_path / "runs/straight/version_0/checkpoints/last.ckpt", weights_only=True)
+    resumed = torch.load(first, weights_only=True)
+    assert resumed["global_step"] == straight["global_step"] == 12
+    assert straight["state_dict"].keys() == resumed["state_dict"].keys()
+    for key in straight["state_dict"]:
+        assert torch.equal(straight["state_dict"][key], resumed["state_dict"][key]), key
+    for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+def test_two_process_ddp_keeps_ranks_identical_and_frozen_parts_fixed(tmp_path, digits_teacher):
+    out = tmp_path / "ranks"
+    args = digits_cli_args(digits_teacher, 4) + [
+        "--trainer.strategy=ddp_find_unused_parameters_true", "--trainer.devices=2",
+        "--trainer.callbacks+=test_sskd.EpochRecorder", f"--trainer.callbacks.out_dir={out}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0["phases"] == rank1["phases"] == [0, 1, 2, 3]
+    for s0, s1 in zip(rank0["states"], rank1["states"], strict=True):
+        for key in s0:
+            assert torch.equal(s0[key], s1[key]), key
+    # resnet8: stage 1 = stem + layer1; no adapters (same channels as resnet20)
+    trained = [("student.conv1.", "student.bn1.", "student.layer1."), ("student.layer2.",), ("student.layer3.",), ("student.fc.",)]
+    states = rank0["states"]
+    for k, prefixes in enumerate(trained):
+        assert_only_changed(states[k], states[k + 1], prefixes, f"phase {k + 1}")
+
+
+@pytest.fixture(scope="module")
+def fake_cifar(tmp_path_factory):
+    return write_fake_cifar100(tmp_path_factory.mktemp("cifar"), per_class_train=2, per_class_test=1)
+
+
+def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(in_tmp, fake_cifar):
+    torch.manual_seed(0)
+    teacher = in_tmp / "resnet56.pt"
+    torch.save(create_model("resnet56").state_dict(), teacher)
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logging.getLogger("pytorch_lightning").addHandler(handler)
+    try:
+        main([
+            "fit", "--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
+            "--config", str(CONFIGS / "sskd/sskd.yaml"), f"--model.init_args.teacher_weights={teacher}",
+            f"--data.init_args.data_dir={fake_cifar}", "--data.init_args.verify_md5=false",
+            "--data.init_args.batch_size=16", "--data.init_args.num_workers=0", "--trainer.max_epochs=4", *FAST,
+        ])
+    finally:
+        logging.getLogger("pytorch_lightning").removeHandler(handler)
+    run = in_tmp / "runs/cifar100/sskd/resnet56-resnet20/version_0"
+    rows = read_metrics(run)
+    logged = {k for r in rows for k in r}
+    expected = {f"train/loss_mimic_stage{k}_step" for k in (1, 2, 3)} | {"train/loss_ce_step", "phase", "val/top1"}
+    expected |= {f"val/top1_end_of_phase{k}_untrained_head" for k in (1, 2, 3)} | {"val/top1_end_of_phase4"}
+    assert expected <= logged
+    assert sorted({int(r["phase"]) for r in rows if "phase" in r}) == [1, 2, 3, 4]
+    starts = [m for m in messages if m.startswith("SSKD phase")]
+    assert len(starts) == 4 and all("not meaningful" in m for m in starts[:3]) and "not meaningful" not in starts[3]
+    state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+    assert not any(k.startswith(("teacher", "adapters")) for k in state)  # same family: no adapter
+
+
+# ---- start-up errors -------------------------------------------------------------------------
+def startup(epochs=None, max_epochs=4, module=None):
+    module = module or SSKD(student="resnet8", teacher="resnet20", **DIGITS)
+    SSKDPhases(epochs=epochs).setup(pl.Trainer(max_epochs=max_epochs, logger=False), module, "fit")
+
+
+@pytest.mark.parametrize(
+    ("epochs", "max_epochs", "message"),
+    [
+        ([1, 1, 1, 2], 4, r"epochs=\[1, 1, 1, 2\] sum to 5, but trainer.max_epochs=4"),
+        ([2, 2], 4, r"has 2 entries, but the model has 4 phases \(stage 1, stage 2, stage 3, head\)"),
+        (None, 3, r"trainer.max_epochs=3 cannot be split among the 4 phases"),
+    ],
+)
+def test_bad_phase_epochs_fail_at_setup(epochs, max_epochs, message):
+    with pytest.raises(ValueError, match=message):
+        startup(epochs, max_epochs)
+
+
+def test_bad_phase_epochs_fail_through_cli(in_tmp, digits_teacher):
+    with pytest.raises(ValueError, match=r"has 3 entries, but the model has 4 phases"):
+        main(digits_cli_args(digits_teacher, 4, "--trainer.callbacks.epochs=[1,1,2]"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"epochs": [2, 0, 1, 1]}, r"epochs=\[2, 0, 1, 1\]: expected a list of positive epoch counts"),
+        ({"min_lr_factor": 1.5}, r"min_lr_factor=1.5"),
+        ({"step_milestones": [0.8, 0.5]}, r"step_milestones=\[0.8, 0.5\]: expected increasing fractions"),
+    ],
+)
+def test_bad_callback_arguments_fail_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SSKDPhases(**kwargs)
+
+
+def test_model_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"student vgg8 has 5 stages and teacher resnet20 has 3"):
+        SSKD(student="vgg8", teacher="resnet20", **DIGITS)
+    with pytest.raises(ValueError, match=r"head_trains='fc': expected one of classifier, head, last_stage_and_head"):
+        SSKD(student="resnet8", teacher="resnet20", head_trains="fc", **DIGITS)
+    with pytest.raises(ValueError, match="SSKD needs the SSKDPhases callback"):
+        fit_digits(None, student="resnet8", teacher="resnet20")
+    with pytest.raises(TypeError, match="SSKDPhases drives distill.methods.sskd.SSKD"):
+        startup(module=Supervised(model="resnet8", **DIGITS))
+
+
+def test_plain_ddp_is_refused_and_resume_with_other_epochs_too():
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
+        require_unused_parameter_search(DDPStrategy())
+    require_unused_parameter_search(DDPStrategy(find_unused_parameters=True))
+    callback = SSKDPhases()
+    callback.phase_epochs = [1, 1, 1, 1]
+    with pytest.raises(ValueError, match=r"trained with SSKD phase epochs \[2, 1, 1, 1\], this run has \[1, 1, 1, 1\]"):
+        callback.load_state_dict({"phase_epochs": [2, 1, 1, 1]})
