@@ -287,7 +287,7 @@ class SSKD(TeacherMixin, DistillModule):
         losses = self.mimic_losses(images, stages, phase)
         if phase.ce:
             losses["ce"] = F.cross_entropy(logits.float(), targets)
-        return losses, logits if phase.ce else None
+        return losses, logits
 
     def training_step(self, batch, batch_idx):
         self.log("phase", float(self.phase_index + 1), on_step=False, on_epoch=True, batch_size=len(batch[1]))
