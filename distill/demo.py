@@ -35,6 +35,7 @@ JOBS = [
     Job("dml", ["pair.yaml", "../methods/dml.yaml"], needs_teacher=False),
     Job("sskd", ["pair.yaml", "sskd.yaml"]),
     Job("sokd", ["pair.yaml", "sokd.yaml"]),
+    Job("kr", ["pair.yaml", "kr.yaml"]),
 ]
 
 

@@ -2,8 +2,9 @@
 from .base import DistillModule
 from .dml import DML
 from .kd import OfflineKD
+from .kr import KR
 from .sokd import SOKD
 from .sskd import SSKD
 from .supervised import Supervised
 
-__all__ = ["DML", "DistillModule", "OfflineKD", "SOKD", "SSKD", "Supervised"]
+__all__ = ["DML", "DistillModule", "KR", "OfflineKD", "SOKD", "SSKD", "Supervised"]
