@@ -125,7 +125,9 @@ def read_wandb_run(run_dir: str | Path) -> dict:
 
     for record in wandb_records(logs[0]):
         kind = record.WhichOneof("record_type")
-        if kind == "config":
+        if kind == "run":  # wandb.init(config=...) arrives with the run record
+            config.update(items(record.run.config.update))
+        elif kind == "config":
             config.update(items(record.config.update))
         elif kind == "summary":
             summary.update(items(record.summary.update))
