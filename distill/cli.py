@@ -4,6 +4,9 @@
 - Runs live under ``runs/<name>/version_<n>/`` (CSV metrics, ``checkpoints/last.ckpt`` written
   every epoch, and ``best-epoch<k>.ckpt`` by ``val/top1``); ``--ckpt_path runs/.../last.ckpt`` resumes
   in the same directory.
+- Every fit logs its resolved config, teacher identity and student size to every logger and writes
+  ``summary.json`` (last/best val top-1, run time) at its end (``--run_summary.*``, always on).
+- ``distill export CKPT ...`` exports a trained network (:mod:`distill.tools.export`).
 - The two checkpoint callbacks are fixed argument groups (``--checkpoint.*``, ``--last_checkpoint.*``),
   so a ``callbacks`` list given on the command line cannot drop them (DESIGN.md: CLI lists replace
   YAML lists). ``last`` is its own callback because Lightning's ``save_last`` only writes when the
@@ -11,11 +14,17 @@
 """
 from __future__ import annotations
 
+import csv
+import sys
 from pathlib import Path
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from .callbacks.run_summary import RunSummary
 from .data.base import ClassificationDataModule
 from .methods.base import DistillModule
 
@@ -45,12 +54,34 @@ def resumed_run(ckpt_path: str | None, save_dir: str) -> tuple[str, str] | None:
     return str(name), version_dir.name
 
 
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        """Keep an existing ``metrics.csv`` and its columns (Lightning's writer deletes it)."""
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
+                self.metrics_keys = next(csv.reader(handle), [])
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a fit resumed in its run directory appends to ``metrics.csv``
+    instead of deleting the epochs logged before the resume."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 class DistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(RunSummary, "run_summary")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/top1",
@@ -61,7 +92,7 @@ class DistillCLI(LightningCLI):
                 "last_checkpoint.enable_version_counter": False,
                 "trainer.default_root_dir": "runs",
                 "trainer.logger": {
-                    "class_path": "pytorch_lightning.loggers.CSVLogger",
+                    "class_path": "distill.cli.ResumableCSVLogger",
                     "init_args": {"save_dir": "runs", "name": None},
                 },
             }
@@ -101,7 +132,13 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
 
 
 def main(args: list[str] | None = None) -> None:
-    """Entry point of the ``distill`` console script; ``main(args=[...])`` from tests."""
+    """Entry point of the ``distill`` console script; ``main(args=[...])`` from tests. ``distill export``
+    goes to :mod:`distill.tools.export` (LightningCLI's subcommands are fixed)."""
+    argv = sys.argv[1:] if args is None else args
+    if argv[:1] == ["export"]:
+        from .tools.export import main as export
+
+        return export(argv[1:])
     build_cli(args)
 
 

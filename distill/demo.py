@@ -26,6 +26,7 @@ class Job:
     configs: list[str]
     needs_teacher: bool = True
     extra: list[str] = field(default_factory=list)
+    teacher_job: str = TEACHER_RUN  # the run whose last checkpoint is this job's teacher
 
 
 JOBS = [
@@ -36,6 +37,8 @@ JOBS = [
     Job("sskd", ["pair.yaml", "sskd.yaml"]),
     Job("sokd", ["pair.yaml", "sokd.yaml"]),
     Job("kr", ["pair.yaml", "kr.yaml"]),
+    Job("pwkd_teacher", ["pwkd_teacher.yaml"], needs_teacher=False),
+    Job("pwkd", ["pair.yaml", "pwkd.yaml"], teacher_job="pwkd_teacher"),
 ]
 
 
@@ -78,12 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     quiet()
     save_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    jobs = [j for j in JOBS if not args.only or j.name in args.only or j.name == TEACHER_RUN]
-    rows, teacher_ckpt = [], None
+    wanted = [j for j in JOBS if not args.only or j.name in args.only]
+    jobs = [j for j in JOBS if j in wanted or any(w.needs_teacher and w.teacher_job == j.name for w in wanted)]
+    rows, ckpts = [], {}
     for job in jobs:
-        version_dir, seconds = run_job(job, save_dir, teacher_ckpt, args.epochs)
-        if job.name == TEACHER_RUN:
-            teacher_ckpt = version_dir / "checkpoints" / "last.ckpt"
+        version_dir, seconds = run_job(job, save_dir, ckpts.get(job.teacher_job), args.epochs)
+        ckpts[job.name] = version_dir / "checkpoints" / "last.ckpt"
         rows.append((job.name, summary(version_dir), seconds))
         print(f"[demo] {job.name}: val top-1 {rows[-1][1]['last']:.2f}% after {seconds:.0f} s", flush=True)
     table = format_table(rows)

@@ -4,7 +4,7 @@ import torch
 
 from conftest import CONFIGS, FAST
 from distill.cli import main
-from distill.tools.runs import read_metrics
+from distill.tools.runs import read_metrics, series
 
 
 def fit_teacher(epochs: int = 1, *extra: str):
@@ -28,6 +28,8 @@ def test_resume_continues_from_last_checkpoint(in_tmp):
     resumed = torch.load(last, weights_only=True)  # the resumed run continues in its own directory
     assert resumed["global_step"] == 4  # two epochs of two batches
     assert not (in_tmp / "runs/digits/supervised/resnet20/version_1").exists()
+    rows = read_metrics(last.parent.parent)  # the epochs before the resume are still there
+    assert [epoch for epoch, _ in series(rows, "val/top1")] == [0, 1]
 
 
 def test_validate_subcommand_reads_checkpoint(in_tmp):

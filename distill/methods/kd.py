@@ -59,10 +59,14 @@ class OfflineKD(TeacherMixin, DistillModule):
         self.save_hyperparameters(ignore=["terms"])
         self.ce_weight = ce_weight
         self.student = create_model(student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {}))
-        self.attach_teacher(*build_teacher(teacher, teacher_weights, self.num_classes, self.in_chans, teacher_kwargs))
+        self.attach_teacher(*self.load_teacher(teacher, teacher_weights, teacher_kwargs))
         self.terms = nn.ModuleList(terms or [])
         self.term_names = unique_names(list(self.terms))
         self.build_terms()
+
+    def load_teacher(self, name: str, weights: str | None, model_kwargs: dict | None):
+        """The frozen teacher and the record of where it came from (PWKD loads a slimmable one)."""
+        return build_teacher(name, weights, self.num_classes, self.in_chans, model_kwargs)
 
     def build_terms(self) -> None:
         """Size every term's connectors from a dry run of both networks (eval mode, batch of 2)."""

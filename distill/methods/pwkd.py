@@ -34,7 +34,9 @@ def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor, temper
 def reject_sync_batchnorm(model: nn.Module) -> None:
     """Per-width BatchNorms do not survive ``sync_batchnorm=True`` (it replaces them with one SyncBatchNorm)."""
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-        raise ValueError("trainer.sync_batchnorm=True is not supported with slimmable networks (it merges their per-width BatchNorms)")
+        raise ValueError(
+            "trainer.sync_batchnorm=True is not supported with slimmable networks (it merges their per-width BatchNorms)"
+        )
 
 
 class SlimmableSupervised(DistillModule):
@@ -215,13 +217,15 @@ class PWKD(OfflineKD):
     ):
         if connectors not in ("sliced", "fresh"):
             raise ValueError(f"PWKD connectors must be 'sliced' or 'fresh', got {connectors!r}")
-        # The base builds the terms' connectors for the whole teacher; the slimmable teacher replaces its teacher.
-        super().__init__(student, teacher, None, terms, ce_weight, student_kwargs, teacher_kwargs, **kwargs)
         self.connectors = connectors
-        path = teacher_weights.format(teacher=teacher) if teacher_weights else None
-        self.attach_teacher(*build_slimmable_teacher(teacher, path, self.num_classes, self.in_chans, self.image_size, teacher_kwargs))
+        super().__init__(student, teacher, teacher_weights, terms, ce_weight, student_kwargs, teacher_kwargs, **kwargs)
         self.stage_widths: tuple[float, ...] | None = None
         self.stage = -1  # the stage entered last (checkpointed: its boundary actions are not repeated on resume)
+
+    def load_teacher(self, name: str, weights: str | None, model_kwargs: dict | None):
+        """The slimmable teacher; ``{teacher}`` in ``teacher_weights`` is replaced by its name."""
+        path = weights.format(teacher=name) if weights else None
+        return build_slimmable_teacher(name, path, self.num_classes, self.in_chans, self.image_size, model_kwargs)
 
     @property
     def teacher_widths(self) -> tuple[float, ...]:
@@ -310,7 +314,8 @@ class PWKD(OfflineKD):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         strategy = self.trainer.strategy
-        if self.connectors == "fresh" and isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters"):
+        finds_unused = isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("find_unused_parameters")
+        if self.connectors == "fresh" and isinstance(strategy, DDPStrategy) and not finds_unused:
             raise ValueError(
                 "PWKD connectors: fresh leaves the other stages' connectors unused; under DDP set "
                 "trainer.strategy: ddp_find_unused_parameters_true"

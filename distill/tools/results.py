@@ -1,0 +1,310 @@
+"""Results table of a directory of runs: rows teacher → student, columns methods.
+
+    python -m distill.tools.results runs/ [--out results/] [--format md|csv]
+
+Every run directory (``metrics.csv`` + ``config.yaml``, see :mod:`distill.tools.runs`) is identified
+from its ``config.yaml``, never from its path: the dataset (``data.class_path``), the method
+(``model.class_path``; an ``OfflineKD`` run is named by its terms, e.g. ``kd`` or ``crd+kd``, another
+method with terms by both, e.g. ``pwkd:kd``), the networks (``teacher``/``student``, or ``model``)
+and the seed (``seed_everything``). A cell is the last-epoch val top-1 (%) as mean ± sample std over
+seeds, with the mean best-epoch top-1 in brackets (METHODS.md §1). A ``Supervised`` run fills the
+``student`` column of every pair with its network as student and the ``teacher`` column of every pair
+with it as teacher; other teacher-less runs (DML) fill every pair with their student. Of two runs
+with the same seed in a cell, the one with more epochs (then the newer) counts. Runs whose configs
+differ in anything but the seed, paths and workers are told apart by a label such as
+``sskd (plan=joint)``. ``--out`` also writes ``results.csv`` (one line per cell) and the plots of
+:mod:`distill.tools.plots`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import statistics
+import sys
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .runs import find_runs, read_config, read_metrics, read_summary, series
+
+FIRST_COLUMNS = ("teacher", "student", "kd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dkd")
+IGNORED_KEYS = ("teacher_weights", "weights", "init_weights", "data_dir", "num_workers", "verify_md5", "download")
+
+
+@dataclass
+class Run:
+    """One run directory, identified from its config; accuracies in percent."""
+
+    path: Path
+    dataset: str
+    method: str
+    teacher: str | None
+    student: str
+    seed: int | None
+    last: float
+    best: float
+    epochs: int
+    max_epochs: int | None
+    seconds: float | None
+    settings: dict = field(default_factory=dict)  # flattened config used to tell variants apart
+    metrics: list = field(default_factory=list, repr=False)
+
+    @property
+    def finished(self) -> bool:
+        return self.max_epochs is None or self.max_epochs < 0 or self.epochs >= self.max_epochs
+
+
+def class_name(spec, path: Path, key: str) -> str:
+    if isinstance(spec, str):
+        return spec.rsplit(".", 1)[-1]
+    if isinstance(spec, dict) and "class_path" in spec:
+        return spec["class_path"].rsplit(".", 1)[-1]
+    raise ValueError(f"{path / 'config.yaml'}: {key} has no class_path")
+
+
+def method_name(model: dict, path: Path) -> str:
+    """``kd``, ``crd+kd`` (OfflineKD, by its sorted term names), ``pwkd:kd``, ``supervised``, ``dml`` ..."""
+    cls = class_name(model, path, "model").lower()
+    terms = (model.get("init_args") or {}).get("terms") or []
+    names = "+".join(sorted(class_name(t, path, "model.init_args.terms").removesuffix("Term").lower() for t in terms))
+    if not names:
+        return cls
+    return names if cls == "offlinekd" else f"{cls}:{names}"
+
+
+def flatten(tree, prefix: str = "") -> dict[str, str]:
+    """``{"a.b.0.c": "value"}``: leaves as text (strings as they are, the rest as JSON)."""
+    if isinstance(tree, (dict, list)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return {k: v for key, value in items for k, v in flatten(value, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): tree if isinstance(tree, str) else json.dumps(tree, default=str)}
+
+
+def settings(config: dict) -> dict[str, str]:
+    """What makes two runs the same experiment: the model's and data's arguments and the epochs."""
+    flat = flatten({"model": config.get("model"), "data": config.get("data")})
+    flat["max_epochs"] = json.dumps((config.get("trainer") or {}).get("max_epochs"))
+    return {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in IGNORED_KEYS}
+
+
+def load_run(path: Path) -> Run | None:
+    """The :class:`Run` of a run directory; ``None`` (with a warning) when it has no ``val/top1`` yet."""
+    config = read_config(path)
+    for key in ("model", "data"):
+        if not isinstance(config.get(key), dict):
+            raise ValueError(f"{path / 'config.yaml'}: no {key!r} section")
+    args = config["model"].get("init_args") or {}
+    student = args.get("student") or args.get("model")
+    if not student:
+        raise ValueError(f"{path / 'config.yaml'}: model.init_args has neither 'student' nor 'model'")
+    metrics = read_metrics(path)
+    top1 = [v for _, v in series(metrics, "val/top1")]
+    if not top1:
+        warnings.warn(f"{path}: no val/top1 logged yet; skipped", stacklevel=2)
+        return None
+    seed = config.get("seed_everything")
+    return Run(
+        path=path,
+        dataset=class_name(config["data"], path, "data").removesuffix("DataModule").lower(),
+        method=method_name(config["model"], path),
+        teacher=args.get("teacher"),
+        student=student,
+        seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
+        last=100 * top1[-1],
+        best=100 * max(top1),
+        epochs=len(top1),
+        max_epochs=(config.get("trainer") or {}).get("max_epochs"),
+        seconds=read_summary(path).get("run_time_s"),
+        settings=settings(config),
+        metrics=metrics,
+    )
+
+
+def collect(root: str | Path) -> list[Run]:
+    """Every run under ``root`` that has logged a validation top-1."""
+    runs = [run for path in find_runs(root) if (run := load_run(path)) is not None]
+    if not runs:
+        raise FileNotFoundError(f"no run with metrics.csv, config.yaml and a logged val/top1 under {root}")
+    label_variants(runs)
+    return runs
+
+
+def label_variants(runs: list[Run]) -> None:
+    """Append ``(key=value, ...)`` to the method of runs whose settings differ within one experiment."""
+    groups = defaultdict(list)
+    for run in runs:
+        groups[run.dataset, run.teacher, run.student, run.method].append(run)
+    for group in groups.values():
+        keys = sorted({k for r in group for k in r.settings if len({r.settings.get(k) for r in group}) > 1})
+        for run in group if keys else []:
+            run.method += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={run.settings.get(k, '-')}" for k in keys) + ")"
+
+
+@dataclass
+class Cell:
+    runs: list[Run]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    def mean(self, attr: str) -> float | None:
+        values = [getattr(r, attr) for r in self.runs if getattr(r, attr) is not None]
+        return statistics.fmean(values) if values else None
+
+    def std(self, attr: str) -> float | None:
+        values = [getattr(r, attr) for r in self.runs]
+        return statistics.stdev(values) if len(values) > 1 else None
+
+    @property
+    def unfinished(self) -> int:
+        return sum(not r.finished for r in self.runs)
+
+
+Row = tuple  # (dataset, teacher or None, student); teacher-less runs with no pair get a row of their own
+
+
+@dataclass
+class Table:
+    rows: list[Row]
+    columns: dict[str, list[str]]  # per dataset
+    cells: dict[tuple[Row, str], Cell]
+
+
+def one_per_seed(runs: list[Run]) -> list[Run]:
+    """Of runs sharing a seed, the one with the most epochs, then the most recent ``metrics.csv``."""
+    chosen, unseeded = {}, []
+    for run in runs:
+        if run.seed is None:
+            unseeded.append(run)
+            continue
+        old = chosen.get(run.seed)
+        key = (run.epochs, (run.path / "metrics.csv").stat().st_mtime)
+        if old is None or key > (old.epochs, (old.path / "metrics.csv").stat().st_mtime):
+            chosen[run.seed] = run
+    return [chosen[s] for s in sorted(chosen)] + unseeded
+
+
+def build_table(runs: list[Run]) -> Table:
+    pairs = sorted({(r.dataset, r.teacher, r.student) for r in runs if r.teacher})
+    placed = defaultdict(list)
+    for run in runs:
+        if run.teacher:
+            placed[(run.dataset, run.teacher, run.student), run.method].append(run)
+            continue
+        supervised = run.method.split(" (")[0] == "supervised"
+        column = run.method.replace("supervised", "student", 1) if supervised else run.method
+        targets = [(p, column) for p in pairs if p[0] == run.dataset and p[2] == run.student]
+        if supervised:
+            teacher_column = run.method.replace("supervised", "teacher", 1)
+            targets += [(p, teacher_column) for p in pairs if p[0] == run.dataset and p[1] == run.student]
+        for target in targets or [((run.dataset, None, run.student), column)]:
+            placed[target].append(run)
+    cells = {key: Cell(one_per_seed(group)) for key, group in placed.items()}
+    rows = sorted({row for row, _ in cells}, key=lambda r: (r[0], r[1] or "", r[2]))
+    columns = {}
+    for dataset in sorted({r[0] for r in rows}):
+        present = {c for (row, c) in cells if row[0] == dataset}
+        columns[dataset] = sorted(present, key=column_order)
+    return Table(rows, columns, cells)
+
+
+def column_order(column: str) -> tuple[int, str]:
+    """Teacher, student, then the anchor table's methods (METHODS.md §1), then the rest by name."""
+    base = column.split(" (")[0]
+    return (FIRST_COLUMNS.index(base) if base in FIRST_COLUMNS else len(FIRST_COLUMNS), column)
+
+
+def row_label(row: Row) -> str:
+    return f"{row[1]} → {row[2]}" if row[1] else row[2]
+
+
+def format_accuracy(cell: Cell | None) -> str:
+    if cell is None:
+        return ""
+    std = cell.std("last")
+    text = f"{cell.mean('last'):.2f}" + (f" ± {std:.2f}" if std is not None else "") + f" [{cell.mean('best'):.2f}]"
+    return text + ("*" if cell.unfinished else "")
+
+
+def format_time(cell: Cell | None) -> str:
+    seconds = None if cell is None else cell.mean("seconds")
+    if seconds is None:
+        return "" if cell is None else f"n/a ×{cell.n}"
+    text = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return f"{text} ×{cell.n}"
+
+
+def to_markdown(table: Table) -> str:
+    lines = [
+        "Val top-1 (%): last epoch, mean ± sample std over seeds [mean of the best epoch]; "
+        "* counts unfinished runs. Run time: mean per run × runs.",
+    ]
+    for dataset, columns in table.columns.items():
+        rows = [r for r in table.rows if r[0] == dataset]
+        for title, fmt in ((f"{dataset}: val top-1 (%)", format_accuracy), (f"{dataset}: run time", format_time)):
+            lines += ["", f"### {title}", "", "| teacher → student | " + " | ".join(columns) + " |"]
+            lines.append("|---" * (len(columns) + 1) + "|")
+            for row in rows:
+                lines.append(f"| {row_label(row)} | " + " | ".join(fmt(table.cells.get((row, c))) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("dataset", "teacher", "student", "method", "n", "seeds", "last_mean", "last_std", "best_mean",
+              "best_std", "seconds_mean", "unfinished", "runs")
+
+
+def to_csv(table: Table, root: str | Path | None = None) -> str:
+    """One line per cell; accuracies in percent, ``runs`` relative to ``root``."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+
+    def num(value):
+        return "" if value is None else round(value, 4)
+
+    for row in table.rows:
+        for column in table.columns[row[0]]:
+            cell = table.cells.get((row, column))
+            if cell is None:
+                continue
+            writer.writerow({
+                "dataset": row[0], "teacher": row[1] or "", "student": row[2], "method": column, "n": cell.n,
+                "seeds": ";".join("" if r.seed is None else str(r.seed) for r in cell.runs),
+                "last_mean": num(cell.mean("last")), "last_std": num(cell.std("last")),
+                "best_mean": num(cell.mean("best")), "best_std": num(cell.std("best")),
+                "seconds_mean": num(cell.mean("seconds")), "unfinished": cell.unfinished,
+                "runs": ";".join(str(r.path.relative_to(root) if root else r.path) for r in cell.runs),
+            })
+    return out.getvalue()
+
+
+def write_results(table: Table, out: str | Path, root: str | Path | None = None) -> list[Path]:
+    """``results.md``, ``results.csv`` and the plots of ``table`` written to ``out``."""
+    from .plots import save_plots
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.md").write_text(to_markdown(table))
+    (out / "results.csv").write_text(to_csv(table, root))
+    return [out / "results.md", out / "results.csv", *save_plots(table, out)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", help="directory searched for runs (e.g. runs/)")
+    parser.add_argument("--out", help="also write results.md, results.csv and PNG plots here")
+    parser.add_argument("--format", choices=("md", "csv"), default="md", help="what to print (default md)")
+    args = parser.parse_args(argv)
+    table = build_table(collect(args.runs))
+    print(to_markdown(table) if args.format == "md" else to_csv(table, args.runs), end="")
+    if args.out:
+        for path in write_results(table, args.out, args.runs):
+            print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
