@@ -11,6 +11,8 @@
   so a ``callbacks`` list given on the command line cannot drop them (DESIGN.md: CLI lists replace
   YAML lists). ``last`` is its own callback because Lightning's ``save_last`` only writes when the
   monitored metric improved.
+- ``--preemption.*`` (on by default): on SIGTERM or SIGUSR1 the fit checkpoints ``last.ckpt`` at the end
+  of the current step and stops; resuming from it is exact (``distill.callbacks.preemption``).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
+from .callbacks.preemption import PreemptionCheckpoint
 from .callbacks.run_summary import RunSummary
 from .data.base import ClassificationDataModule
 from .methods.base import DistillModule
@@ -81,6 +84,7 @@ class DistillCLI(LightningCLI):
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(RunSummary, "run_summary")
         parser.set_defaults(
             {

@@ -1,8 +1,9 @@
 """``make demo``: teacher, from-scratch student and every method on the embedded digits, on the CPU.
 
 Every job is an ordinary ``distill fit`` of the configs in ``lightning_configs/digits/`` (the same
-path a researcher takes), run one after the other under ``runs/demo/``; the table at the end is read
-back from the runs' CSV logs. Numbers are whatever this machine measures; nothing is hard-coded.
+path a researcher takes), run one after the other under ``runs/demo/<time>/``; the table and plots at
+the end come from the results tool reading those runs back (``python -m distill.tools.results``).
+Numbers are whatever this machine measures; nothing is hard-coded.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cli import main as distill
+from .tools.results import build_table, collect, to_markdown, write_results
 from .tools.runs import latest_version, summary
 
 CONFIGS = Path(__file__).resolve().parent.parent / "lightning_configs" / "digits"
@@ -59,13 +61,6 @@ def run_job(job: Job, save_dir: Path, teacher_ckpt: Path | None, epochs: int | N
     return latest_version(save_dir / job.name), time.perf_counter() - start
 
 
-def format_table(rows: list[tuple[str, dict, float]]) -> str:
-    lines = ["| run | val top-1 last (%) | best (%) | time (s) |", "|---|---|---|---|"]
-    for name, result, seconds in rows:
-        lines.append(f"| {name} | {result['last']:.2f} | {result['best']:.2f} | {seconds:.0f} |")
-    return "\n".join(lines)
-
-
 def quiet() -> None:
     """Keep the demo's output to its own lines: Lightning's banners and known warnings go."""
     warnings.filterwarnings("ignore", message=".*(does not have many workers|args parameter is intended|LeafSpec|smaller than the logging interval).*")
@@ -83,18 +78,17 @@ def main(argv: list[str] | None = None) -> None:
     save_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     wanted = [j for j in JOBS if not args.only or j.name in args.only]
     jobs = [j for j in JOBS if j in wanted or any(w.needs_teacher and w.teacher_job == j.name for w in wanted)]
-    rows, ckpts = [], {}
+    ckpts = {}
     for job in jobs:
         version_dir, seconds = run_job(job, save_dir, ckpts.get(job.teacher_job), args.epochs)
         ckpts[job.name] = version_dir / "checkpoints" / "last.ckpt"
-        rows.append((job.name, summary(version_dir), seconds))
-        print(f"[demo] {job.name}: val top-1 {rows[-1][1]['last']:.2f}% after {seconds:.0f} s", flush=True)
-    table = format_table(rows)
-    (save_dir / "results.md").write_text(table + "\n")
-    print("\nDigits (scikit-learn): resnet20 teacher on the 1,438 training images, resnet8 students on 10% of them;")
-    print("top-1 on the 359 test images:\n")
-    print(table)
-    print(f"\nRuns, checkpoints and this table: {save_dir}/")
+        print(f"[demo] {job.name}: val top-1 {summary(version_dir)['last']:.2f}% after {seconds:.0f} s", flush=True)
+    table = build_table(collect(save_dir))
+    written = write_results(table, save_dir, root=save_dir)
+    print("\nDigits (scikit-learn): resnet20 teachers on the 1,438 training images, resnet8 students on 10%")
+    print("of them; top-1 on the 359 test images.\n")
+    print(to_markdown(table))
+    print(f"Runs and checkpoints: {save_dir}/; table and plots: " + ", ".join(p.name for p in written))
 
 
 if __name__ == "__main__":

@@ -15,19 +15,20 @@ def step_generator(seed: int, step: int, device: torch.device) -> torch.Generato
 
 
 def random_crop_flip(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``pad``, crop every image back to its size at a uniform offset, flip with p=0.5."""
-    n, _, h, w = images.shape
+    """Zero-pad by ``pad``, crop every image back to its size at a uniform offset, flip with p=0.5.
+
+    Two gathers (rows, then columns with the flip folded in) over broadcast, not materialised, indices.
+    """
+    n, c, h, w = images.shape
     device = images.device
+    rows = torch.arange(h, device=device).expand(n, h)
+    cols = torch.arange(w, device=device).expand(n, w)
     if pad:
-        padded = F.pad(images, (pad, pad, pad, pad))
-        dy = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
-        dx = torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)
-        rows = (dy[:, None] + torch.arange(h, device=device)[None, :])[:, None, :, None]
-        cols = (dx[:, None] + torch.arange(w, device=device)[None, :])[:, None, None, :]
-        batch = torch.arange(n, device=device)[:, None, None, None]
-        chans = torch.arange(images.shape[1], device=device)[None, :, None, None]
-        images = padded[batch, chans, rows, cols]
+        images = F.pad(images, (pad, pad, pad, pad))
+        rows = rows + torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)[:, None]
+        cols = cols + torch.randint(0, 2 * pad + 1, (n,), device=device, generator=generator)[:, None]
     if flip:
         mask = torch.rand(n, device=device, generator=generator) < 0.5
-        images = torch.where(mask[:, None, None, None], images.flip(-1), images)
-    return images
+        cols = torch.where(mask[:, None], cols.flip(-1), cols)
+    images = images.gather(2, rows[:, None, :, None].expand(n, c, h, images.shape[3]))
+    return images.gather(3, cols[:, None, None, :].expand(n, c, h, w))

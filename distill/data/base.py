@@ -1,7 +1,9 @@
 """Shared shape of every DataModule: what the model needs to know, and index-carrying batches.
 
 Every dataset yields ``(image, target, index)``; the index is the sample's position in its split,
-which contrastive memories (CRD) and teacher-output caches key on.
+which contrastive memories (CRD) and teacher-output caches key on. Training batches follow a
+permutation of ``(seed, epoch)`` split over the DDP ranks and resume mid-epoch; evaluation sees every
+sample exactly once (:mod:`distill.data.distributed`).
 """
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .distributed import ResumableLoader, split_sampler
 
 
 class Indexed(Dataset):
@@ -54,6 +58,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        self._train_loader: ResumableLoader | None = None
+        self._train_position: dict | None = None  # from a checkpoint, for the next training loader
 
     @property
     def train_targets(self) -> torch.Tensor:
@@ -66,16 +72,33 @@ class ClassificationDataModule(pl.LightningDataModule):
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")
         workers = self.num_workers if num_workers is None else num_workers
-        return DataLoader(
+        loader = (ResumableLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(dataset), self.seed) if train else None,
+            sampler=split_sampler(len(dataset), train, self.seed, self.trainer),
             drop_last=False,
             collate_fn=collate_fn,
             num_workers=workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=workers > 0,
         )
+        if train:
+            self._train_loader = loader
+            if self._train_position:
+                loader.load_state_dict(self._train_position)
+                self._train_position = None
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training loader's position (epoch, batches consumed): a mid-epoch checkpoint resumes at the next batch."""
+        return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        position = state.get("train_position")
+        if position and self._train_loader is not None:
+            self._train_loader.load_state_dict(position)
+        else:
+            self._train_position = position
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -86,23 +109,3 @@ class ClassificationDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
 
-
-class EpochShuffleSampler(torch.utils.data.Sampler[int]):
-    """Shuffles with a permutation that depends only on ``(seed, epoch)``, so resume is exact.
-
-    Lightning calls ``set_epoch`` before every epoch; under DDP it swaps in a
-    ``DistributedSampler``, which is epoch-seeded the same way.
-    """
-
-    def __init__(self, length: int, seed: int = 0):
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())

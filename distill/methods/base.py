@@ -124,7 +124,7 @@ class DistillModule(pl.LightningModule):
         return self.lr * batch / self.lr_reference_batch
 
     def configure_optimizers(self):
-        self.trainer.estimated_stepping_batches  # makes Lightning count the training batches
+        self.trainer.fit_loop.setup_data()  # counts the training batches (also with only max_steps set)
         self.steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
         lr = self.base_lr()
         groups = self.param_groups()
@@ -166,7 +166,7 @@ class DistillModule(pl.LightningModule):
             metrics = self.metrics[f"{split}_{name or 'main'}"]
             prefix = f"{split}/{name}_" if name else f"{split}/"
             for k, metric in metrics.items():
-                metric(value, targets)
+                metric.update(value, targets)  # computed once per epoch when logged
                 self.log(f"{prefix}{k}", metric, on_step=False, on_epoch=True, batch_size=len(targets))
 
     def on_validation_epoch_end(self) -> None:

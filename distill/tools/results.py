@@ -30,7 +30,7 @@ from pathlib import Path
 
 from .runs import find_runs, read_config, read_metrics, read_summary, series
 
-FIRST_COLUMNS = ("teacher", "student", "kd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dkd")
+FIRST_COLUMNS = ("teacher", "slimmable teacher", "student", "kd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dkd")
 IGNORED_KEYS = ("teacher_weights", "weights", "init_weights", "data_dir", "num_workers", "verify_md5", "download")
 
 
@@ -195,7 +195,15 @@ def build_table(runs: list[Run]) -> Table:
         if run.teacher:
             placed[(run.dataset, run.teacher, run.student), run.method].append(run)
             continue
-        supervised = run.method.split(" (")[0] == "supervised"
+        base = run.method.split(" (")[0]
+        if base == "slimmablesupervised":  # a PWKD teacher: only ever a teacher
+            column = run.method.replace(base, "slimmable teacher", 1)
+            for target in [(p, column) for p in pairs if p[0] == run.dataset and p[1] == run.student] or [
+                ((run.dataset, None, run.student), column)
+            ]:
+                placed[target].append(run)
+            continue
+        supervised = base == "supervised"
         column = run.method.replace("supervised", "student", 1) if supervised else run.method
         targets = [(p, column) for p in pairs if p[0] == run.dataset and p[2] == run.student]
         if supervised:

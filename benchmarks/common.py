@@ -1,0 +1,85 @@
+"""What every benchmark shares: arguments, synchronised clocks, fake CIFAR-100 files, tables, JSON.
+
+Every benchmark times ``distill`` next to a plain PyTorch baseline, interleaved (A, B, A, B, ...) so
+both see the same machine load, and reports medians and their ratio. Results go to
+``benchmarks/results/<name>.json`` (``<name>-quick.json`` with ``--quick``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a tiny smoke run (seconds), not a measurement")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: benchmarks/results/<name>.json)")
+    return p
+
+
+def clock(device: torch.device | str) -> float:
+    """Seconds, after the device's queued work has finished."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def environment(device: str) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+    }
+    if torch.device(device).type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+    return env
+
+
+def write_fake_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """``root/cifar-100-python/{train,test,meta}`` in the official format, random pixels. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        entry = {"fine_labels": (np.arange(n) % 100).tolist(), "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
+        (folder / split).write_bytes(pickle.dumps(entry, protocol=4))
+    (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"class_{i}" for i in range(100)]}, protocol=4))
+    return root
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for k, row in enumerate(cells):
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        if k == 0:
+            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+
+
+def write_json(name: str, args: argparse.Namespace, payload: dict) -> Path:
+    path = args.out or RESULTS / f"{name}{'-quick' if args.quick else ''}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    options = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    record = {"benchmark": name, "options": options, "environment": environment(args.device), **payload}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"\nwrote {path}")
+    return path
