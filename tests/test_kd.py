@@ -106,10 +106,10 @@ def cifar_teacher(tmp_path_factory):
 
 
 def cifar_args(fake_cifar, teacher, method):
+    teacher_arg = [] if method == "dml" else [f"--model.init_args.teacher_weights={teacher}"]  # DML has none
     return [
         "fit", "--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
-        "--config", str(CONFIGS / f"methods/{method}.yaml"),
-        f"--model.init_args.teacher_weights={teacher}", f"--data.init_args.data_dir={fake_cifar}",
+        "--config", str(CONFIGS / f"methods/{method}.yaml"), *teacher_arg, f"--data.init_args.data_dir={fake_cifar}",
         "--data.init_args.verify_md5=false", "--data.init_args.batch_size=16", "--data.init_args.num_workers=0",
         "--trainer.max_epochs=1", *FAST,
     ]
@@ -125,7 +125,7 @@ def test_every_base_method_runs_through_cli_on_fake_cifar(in_tmp, fake_cifar, ci
     assert all(torch.isfinite(torch.tensor(r["train/loss_step"])) for r in rows if "train/loss_step" in r)
 
 
-@pytest.mark.parametrize("method", ["kd", "crd"])
+@pytest.mark.parametrize("method", ["kd", "crd", "dml"])
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, fake_cifar, cifar_teacher, method):
     out = tmp_path / "ranks"
     args = cifar_args(fake_cifar, cifar_teacher, method) + [
