@@ -23,7 +23,6 @@ import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-import torch
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import CIFAR100

@@ -1,8 +1,13 @@
-"""A test-only callback: every rank saves its trained weights, so tests can compare ranks."""
+"""Test helpers for two-process CPU DDP runs: every rank dumps its weights, tests compare ranks."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+
+TESTS = Path(__file__).resolve().parent
 
 
 class DumpWeightsPerRank(pl.Callback):
@@ -13,3 +18,22 @@ class DumpWeightsPerRank(pl.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if isinstance(v, torch.Tensor)}
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+def run_two_ranks(args: list[str], cwd: Path, callback: str = "rank_dump.DumpWeightsPerRank",
+                  strategy: str = "ddp") -> tuple[dict, dict]:
+    """``distill <args>`` as two gloo processes with ``callback`` dumping ``rank<r>.pt``; both dumps."""
+    out = Path(cwd) / "ranks"
+    ddp = [f"--trainer.strategy={strategy}", "--trainer.devices=2",
+           f"--trainer.callbacks+={callback}", f"--trainer.callbacks.out_dir={out}"]
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "distill.cli", *args, *ddp], cwd=cwd, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tuple(torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key

@@ -1,14 +1,12 @@
 """KR (Liu, Wen, Gao, et al., 2019), the project's reading: aggregation, mask, penalty, matching,
 the CLI on fake data, resume and DDP."""
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from rank_dump import assert_same_tensors, run_two_ranks
 from conftest import CONFIGS, FAST
 from distill.cli import build_cli, main
 from distill.losses.kr import aggregate_weight, prior_penalty, resize_kernel, top_fraction_mask
@@ -239,19 +237,12 @@ def test_resumed_kr_run_equals_uninterrupted(in_tmp):
 
 def test_two_process_ddp_keeps_ranks_and_priors_identical(in_tmp):
     teacher = save_random(in_tmp, "resnet20", seed=0, num_classes=10, in_chans=1)
-    out = in_tmp / "ranks"
     args = [
         "fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/kr.yaml"),
         f"--model.init_args.teacher_weights={teacher}", "--trainer.max_epochs=1", *FAST,
         "--seed_everything=false",  # each rank draws its own student init: rank 0's priors must win
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.limit_train_batches=3",
-        "--trainer.callbacks+=rank_dump.DumpWeightsPerRank", f"--trainer.callbacks.out_dir={out}",
+        "--trainer.limit_train_batches=3",
     ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=in_tmp, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0.keys() == rank1.keys() and "priors.conv1" in rank0
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
+    rank0, rank1 = run_two_ranks(args, in_tmp)
+    assert "priors.conv1" in rank0
+    assert_same_tensors(rank0, rank1)

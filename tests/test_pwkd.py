@@ -1,8 +1,5 @@
 """PWKD: slimmable conversion, joint teacher training, stages with cyclic LR, resume, DDP."""
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -12,6 +9,7 @@ import torch
 import yaml
 from torch import nn
 
+from rank_dump import assert_same_tensors, run_two_ranks
 from conftest import CONFIGS, FAST
 from distill.callbacks.pwkd import PWKDStages
 from distill.cli import build_cli, main
@@ -497,16 +495,7 @@ def test_bad_stage_epochs_stop_the_cli_before_training(in_tmp, slim_digits_teach
 
 # ---- DDP ----------------------------------------------------------------------------------------
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, slim_digits_teacher):
-    out = tmp_path / "ranks"
-    args = pwkd_digits_args(slim_digits_teacher, fitnet_crd_config(tmp_path), epochs=4) + [
-        "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.limit_train_batches=3",
-        "--trainer.callbacks+=rank_dump.DumpWeightsPerRank", f"--trainer.callbacks.out_dir={out}",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0.keys() == rank1.keys() and "terms.0.regressor.whole.conv.weight" in rank0
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
+    args = pwkd_digits_args(slim_digits_teacher, fitnet_crd_config(tmp_path), epochs=4) + ["--trainer.limit_train_batches=3"]
+    rank0, rank1 = run_two_ranks(args, tmp_path)
+    assert "terms.0.regressor.whole.conv.weight" in rank0
+    assert_same_tensors(rank0, rank1)

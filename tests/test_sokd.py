@@ -1,8 +1,6 @@
 """SOKD: the knowledge bridge module, the loss directions and gradient routing, resume, export, DDP."""
 import copy
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from rank_dump import assert_same_tensors, run_two_ranks
 from conftest import CONFIGS, FAST
 from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
@@ -286,17 +285,10 @@ def test_recipe_configs_instantiate(in_tmp, config, kbm_parts, lr, milestones):
 
 
 def test_two_process_ddp_keeps_student_kbm_and_teacher_buffers_identical(tmp_path, digits_teacher):
-    out = tmp_path / "ranks"
     args = ["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/sokd.yaml"),
             f"--model.init_args.teacher_weights={digits_teacher}", "--trainer.max_epochs=1", *FAST,
-            "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.limit_train_batches=3",
-            "--trainer.callbacks+=test_sokd.DumpStudentKBMTeacherPerRank", f"--trainer.callbacks.out_dir={out}"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert rank0.keys() == rank1.keys() and any(k.startswith("kbm.") for k in rank0)
+            "--trainer.limit_train_batches=3"]
+    rank0, rank1 = run_two_ranks(args, tmp_path, callback="test_sokd.DumpStudentKBMTeacherPerRank")
+    assert any(k.startswith("kbm.") for k in rank0)
     assert any(k.startswith("teacher.") and "running_mean" in k for k in rank0)
-    for key in rank0:
-        assert torch.equal(rank0[key], rank1[key]), key
+    assert_same_tensors(rank0, rank1)

@@ -1,9 +1,6 @@
 """SSKD: each phase changes only what it trains (parameters, BN buffers, momentum), the phases follow
 the epochs given, resume mid-phase is exact, DDP ranks agree, the CLI runs, bad configs fail early."""
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +8,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.strategies import DDPStrategy
 
+from rank_dump import run_two_ranks
 from conftest import CONFIGS, FAST
 from distill.callbacks.sskd import PhaseMultiStep, SSKDPhases
 from distill.cli import build_cli, main
@@ -219,16 +217,8 @@ def test_resume_in_the_middle_of_phase_2_equals_uninterrupted(tmp_path, digits_t
 
 
 def test_two_process_ddp_keeps_ranks_identical_and_frozen_parts_fixed(tmp_path, digits_teacher):
-    out = tmp_path / "ranks"
-    args = digits_cli_args(digits_teacher, 4) + [
-        "--trainer.strategy=ddp_find_unused_parameters_true", "--trainer.devices=2",
-        "--trainer.callbacks+=test_sskd.EpochRecorder", f"--trainer.callbacks.out_dir={out}",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "distill.cli", *args], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    rank0, rank1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    rank0, rank1 = run_two_ranks(digits_cli_args(digits_teacher, 4), tmp_path, callback="test_sskd.EpochRecorder",
+                                 strategy="ddp_find_unused_parameters_true")
     assert rank0["phases"] == rank1["phases"] == [0, 1, 2, 3]
     for s0, s1 in zip(rank0["states"], rank1["states"], strict=True):
         for key in s0:

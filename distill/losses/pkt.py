@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 
 def cosine_conditional(e: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
