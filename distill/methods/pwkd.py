@@ -17,7 +17,6 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
 from ..losses.crd import ContrastMemory
-from ..losses.term import DistillTerm
 from ..models import create_model
 from ..models.slimmable import DEFAULT_WIDTHS, check_widths, load_slimmable, make_slimmable, set_width, width_name
 from ..models.weights import file_sha256
@@ -203,22 +202,11 @@ class PWKD(OfflineKD):
         Other arguments as :class:`~distill.methods.kd.OfflineKD`.
     """
 
-    def __init__(
-        self,
-        student: str = "resnet8x4",
-        teacher: str = "resnet32x4",
-        teacher_weights: str | None = None,
-        terms: list[DistillTerm] | None = None,
-        ce_weight: float = 1.0,
-        student_kwargs: dict | None = None,
-        teacher_kwargs: dict | None = None,
-        connectors: Literal["sliced", "fresh"] = "sliced",
-        **kwargs,
-    ):
+    def __init__(self, connectors: Literal["sliced", "fresh"] = "sliced", **kwargs):
         if connectors not in ("sliced", "fresh"):
             raise ValueError(f"PWKD connectors must be 'sliced' or 'fresh', got {connectors!r}")
         self.connectors = connectors
-        super().__init__(student, teacher, teacher_weights, terms, ce_weight, student_kwargs, teacher_kwargs, **kwargs)
+        super().__init__(**kwargs)
         self.stage_widths: tuple[float, ...] | None = None
         self.stage = -1  # the stage entered last (checkpointed: its boundary actions are not repeated on resume)
 
