@@ -8,7 +8,6 @@ set by the :class:`~distill.callbacks.pwkd.PWKDStages` callback.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
@@ -19,9 +18,9 @@ from torch import nn
 from ..losses.crd import ContrastMemory
 from ..models import create_model
 from ..models.slimmable import DEFAULT_WIDTHS, check_widths, load_slimmable, make_slimmable, set_width, width_name
-from ..models.weights import file_sha256
 from .base import DistillModule
 from .kd import OfflineKD
+from .teacher import build_teacher
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -105,26 +104,6 @@ class SlimmableSupervised(DistillModule):
             set_width(self.model, width)
             logits["" if width == 1.0 else width_name(width)] = self.model(images)
         return logits
-
-
-def build_slimmable_teacher(
-    name: str, weights: str | None, num_classes: int, in_chans: int, image_size: int, model_kwargs: dict | None = None
-) -> tuple[nn.Module, dict]:
-    """The frozen slimmable teacher at the widths its checkpoint holds, and a record of where it came from.
-
-    Without ``weights`` (smoke tests only) a random teacher at the default widths.
-    """
-    teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
-    info = {"arch": name, "weights": None, "sha256": None}
-    if weights:
-        load_slimmable(teacher, weights, image_size=image_size)
-        info.update(weights=str(Path(weights)), sha256=file_sha256(weights))
-    else:
-        make_slimmable(teacher, DEFAULT_WIDTHS, image_size)
-    info["widths"] = list(teacher.slimmable_widths)
-    teacher.requires_grad_(False)
-    teacher.eval()
-    return teacher, info
 
 
 def _prefix(tensor: torch.Tensor, shape: torch.Size) -> torch.Tensor:
@@ -213,7 +192,17 @@ class PWKD(OfflineKD):
     def load_teacher(self, name: str, weights: str | None, model_kwargs: dict | None):
         """The slimmable teacher; ``{teacher}`` in ``teacher_weights`` is replaced by its name."""
         path = weights.format(teacher=name) if weights else None
-        return build_slimmable_teacher(name, path, self.num_classes, self.in_chans, self.image_size, model_kwargs)
+
+        def load(teacher: nn.Module, path: str | None) -> None:
+            """Without weights (smoke tests only) a random teacher at the default widths."""
+            if path:
+                load_slimmable(teacher, path, image_size=self.image_size)
+            else:
+                make_slimmable(teacher, DEFAULT_WIDTHS, self.image_size)
+
+        teacher, info = build_teacher(name, path, self.num_classes, self.in_chans, model_kwargs, load=load)
+        info["widths"] = list(teacher.slimmable_widths)
+        return teacher, info
 
     @property
     def teacher_widths(self) -> tuple[float, ...]:

@@ -8,6 +8,7 @@ Device and dtype moves still reach it through :meth:`TeacherMixin._apply`.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,12 +17,25 @@ from ..models import StagedNet, create_model, load_weights
 from ..models.weights import file_sha256
 
 
-def build_teacher(name: str, weights: str | None, num_classes: int, in_chans: int, model_kwargs: dict | None = None) -> tuple[StagedNet, dict]:
-    """Create the teacher, load its weights, freeze it; return it with a record of where it came from."""
-    teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
-    info = {"arch": name, "weights": None, "sha256": None}
+def load_plain(teacher: nn.Module, weights: str | None) -> None:
     if weights:
         load_weights(teacher, weights)
+
+
+def build_teacher(
+    name: str,
+    weights: str | None,
+    num_classes: int,
+    in_chans: int,
+    model_kwargs: dict | None = None,
+    load: Callable[[nn.Module, str | None], None] = load_plain,
+) -> tuple[StagedNet, dict]:
+    """Create the teacher, ``load`` its weights (PWKD passes a slimmable loader), freeze it; return
+    it with a record of where it came from."""
+    teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
+    load(teacher, weights)
+    info = {"arch": name, "weights": None, "sha256": None}
+    if weights:
         info.update(weights=str(Path(weights)), sha256=file_sha256(weights))
     teacher.requires_grad_(False)
     teacher.eval()
