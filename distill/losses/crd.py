@@ -154,9 +154,22 @@ class ContrastMemory(nn.Module):
         self.starts = torch.cumsum(self.counts, 0) - self.counts
         if self.memory_s is None or self.memory_s.shape[0] != len(targets):
             gen = torch.Generator().manual_seed(self.seed)
-            stdv = 1.0 / math.sqrt(self.dim / 3)
-            self.memory_s = torch.rand(len(targets), self.dim, generator=gen) * (2 * stdv) - stdv
-            self.memory_t = torch.rand(len(targets), self.dim, generator=gen) * (2 * stdv) - stdv
+            self.memory_s = self._uniform_bank(len(targets), gen)
+            self.memory_t = self._uniform_bank(len(targets), gen)
+
+    def _uniform_bank(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """The official initial bank: uniform in ±1/sqrt(dim/3), drawn on the CPU (identical on every rank)."""
+        stdv = 1.0 / math.sqrt(self.dim / 3)
+        return torch.rand(n, self.dim, generator=generator) * (2 * stdv) - stdv
+
+    def reset_teacher(self, seed: int) -> None:
+        """A fresh teacher bank drawn with ``seed``; the normalisation constants are re-estimated on
+        the next step (PWKD's stage boundaries)."""
+        if self.memory_t is None:
+            return
+        fresh = self._uniform_bank(self.memory_t.shape[0], torch.Generator().manual_seed(seed))
+        self.memory_t = fresh.to(self.memory_t.device)
+        self.z_s = self.z_t = None
 
     def get_extra_state(self) -> dict:
         return {"memory_s": self.memory_s, "memory_t": self.memory_t, "z_s": self.z_s, "z_t": self.z_t, "step": self.step}

@@ -151,13 +151,7 @@ def reset_teacher_memory(memory: ContrastMemory, stage: int) -> None:
     """[chosen] CRD at a stage boundary: the teacher bank restarts from a fresh uniform draw (as at
     the start of training, generator seeded by ``seed + stage``, identical on every rank), and the
     normalisation constants are re-estimated on the stage's first step."""
-    if memory.memory_t is None:
-        return
-    n, dim = memory.memory_t.shape
-    stdv = 1.0 / (dim / 3) ** 0.5
-    fresh = torch.rand(n, dim, generator=torch.Generator().manual_seed(memory.seed + stage)) * (2 * stdv) - stdv
-    memory.memory_t = fresh.to(memory.memory_t.device)
-    memory.z_s = memory.z_t = None
+    memory.reset_teacher(memory.seed + stage)
 
 
 class PWKD(OfflineKD):
