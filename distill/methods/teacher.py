@@ -32,6 +32,11 @@ def build_teacher(
 ) -> tuple[StagedNet, dict]:
     """Create the teacher, ``load`` its weights (PWKD passes a slimmable loader), freeze it; return
     it with a record of where it came from."""
+    if weights and not Path(weights).is_file():
+        raise FileNotFoundError(
+            f"teacher checkpoint {weights!r} ({name}) does not exist: train the teacher first (the config that sets this path "
+            "names, in its comments, the run that writes it) or set model.init_args.teacher_weights"
+        )
     teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
     load(teacher, weights)
     info = {"arch": name, "weights": None, "sha256": None}
