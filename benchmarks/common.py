@@ -83,3 +83,28 @@ def write_json(name: str, args: argparse.Namespace, payload: dict) -> Path:
     path.write_text(json.dumps(record, indent=2) + "\n")
     print(f"\nwrote {path}")
     return path
+
+
+def write_fake_jpeg_folder(root: Path, n_images: int, num_classes: int = 10, seed: int = 0) -> tuple[Path, float]:
+    """``root/{train,val}/class_K/*.JPEG`` with ImageNet-like photographs' sizes (about 500×375, ~110 kB).
+
+    Smooth random colour fields plus grain, saved at quality 95; ``val/`` holds one image per class.
+    Returns ``root`` and the mean training file size in kB.
+    """
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sizes = []
+    for split, n in (("train", n_images), ("val", num_classes)):
+        for i in range(n):
+            height, width = int(rng.integers(330, 501)), int(rng.integers(375, 501))
+            coarse = Image.fromarray(rng.integers(0, 256, (height // 24, width // 24, 3), dtype=np.uint8))
+            pixels = np.asarray(coarse.resize((width, height), Image.BICUBIC), dtype=np.int16)
+            pixels = pixels + rng.integers(-16, 17, pixels.shape, dtype=np.int16)
+            folder = root / split / f"class_{i % num_classes}"
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"{i}.JPEG"
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, "JPEG", quality=95)
+            if split == "train":
+                sizes.append(path.stat().st_size)
+    return root, float(np.mean(sizes)) / 1e3

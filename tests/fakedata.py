@@ -38,17 +38,32 @@ def write_fake_cifar100(root: Path, per_class_train: int = 2, per_class_test: in
 
 
 def write_fake_image_folder(
-    root: Path, num_classes: int = 3, per_class_train: int = 3, per_class_val: int = 2, size: int = 40, seed: int = 0
+    root: Path,
+    num_classes: int = 3,
+    per_class_train: int = 3,
+    per_class_val: int = 2,
+    size: int | tuple[int, int] = 40,
+    seed: int = 0,
+    suffix: str = ".png",
 ) -> Path:
-    """``root/{train,val}/class_K/*.png``: random RGB PNGs of ``size``×``size``. Returns ``root``."""
+    """``root/{train,val}/class_K/*<suffix>``: random RGB images of ``size`` (side, or (height, width)).
+
+    ``suffix=".JPEG"`` writes JPEGs (quality 90) of smooth random content, as photographs compress.
+    Returns ``root``.
+    """
     rng = np.random.default_rng(seed)
+    height, width = (size, size) if isinstance(size, int) else size
     for split, per_class in (("train", per_class_train), ("val", per_class_val)):
         for k in range(num_classes):
             folder = Path(root) / split / f"class_{k}"
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
-                pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
-                Image.fromarray(pixels).save(folder / f"{i}.png")
+                if suffix == ".png":
+                    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+                else:
+                    coarse = Image.fromarray(rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3),
+                                                          dtype=np.uint8))
+                    coarse.resize((width, height), Image.BICUBIC).save(folder / f"{i}{suffix}", "JPEG", quality=90)
     return Path(root)
 
 

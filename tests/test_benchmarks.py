@@ -9,6 +9,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 ROW_KEYS = {
     "overhead": {"pair", "batch_size", "steps", "distill_median_s", "plain_median_s", "ratio"},
     "data": {"pipeline", "median_s", "images_per_s", "speedup"},
+    "imagenet_data": {"pipeline", "median_s", "images_per_s", "speedup"},
     "pwkd_width": {"teacher", "width", "median_ms", "ratio", "ideal"},
     "gpu_epoch": {"side", "epoch_s", "images_per_s", "projected_240_epochs_h", "epochs_s"},
 }

@@ -5,20 +5,45 @@ eval = Resize 256 + CenterCrop 224; ImageNet mean/std. ``val/`` serves as valida
 (the KD protocol reports ImageNet's validation set). ``image_size`` scales the crops (the eval resize
 stays at 256/224 of it) so tests and small trees can use tiny images.
 
+Three ways to get there (``decode``), the same transforms in each:
+
+- ``"pil"`` (default): PIL decoding and transforms in DataLoader workers, float batches.
+- ``"tensor"``: libjpeg-turbo decoding to uint8 tensors (TorchCodec) and uint8 transforms in the
+  workers; uint8 batches (a quarter of the bytes to copy) are normalised on the device.
+- ``"device"``: workers only read the files; JPEGs are decoded on the training device (nvJPEG on
+  CUDA), cropped, resized, flipped and normalised there. Crop boxes come from a generator seeded by
+  ``(seed, global_step)``, so a resumed run draws the same crops (project choice, as for CIFAR).
+
 DDP-safe: every rank builds the same file lists from the same tree; Lightning adds the
 ``DistributedSampler``. Nothing is downloaded: ImageNet must be obtained and unpacked by hand.
 """
 from __future__ import annotations
 
-import torch
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.transforms import v2
+from typing import Literal
 
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .augment import random_resized_crop_boxes, step_generator
 from .base import ClassificationDataModule, Indexed
+from .jpeg import decode_file, decode_to, read_for_device, torchcodec_decoders
+from .tensor import normalize
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+Decode = Literal["pil", "tensor", "device"]
+LOADERS = {"pil": default_loader, "tensor": decode_file, "device": read_for_device}
+
+
+def collate_files(batch: list[tuple[torch.Tensor, int, int]]):
+    """``collate_fn`` for ``decode="device"``: file contents of differing lengths stay a list."""
+    items, targets, index = zip(*batch)
+    return list(items), torch.as_tensor(targets), torch.as_tensor(index)
 
 
 class ImageNetDataModule(ClassificationDataModule):
@@ -29,11 +54,12 @@ class ImageNetDataModule(ClassificationDataModule):
             (the same class folders in both).
         batch_size: per process (256 in the protocol on one device; under DDP the global batch is this ×
             world size).
-        num_workers: DataLoader workers decoding images (project default 8).
+        num_workers: DataLoader workers reading (and, unless ``decode="device"``, decoding) images.
         pin_memory: pin host batches when CUDA is available.
-        seed: seeds the epoch shuffles.
+        seed: seeds the epoch shuffles and the ``"device"`` crops.
         image_size: side of the training and evaluation crops (224 in the protocol).
         num_classes: expected number of class folders (1000 for ImageNet); checked against the tree.
+        decode: ``"pil"``, ``"tensor"`` or ``"device"`` (module docstring); the last two need TorchCodec.
     """
 
     in_chans = 3
@@ -47,19 +73,33 @@ class ImageNetDataModule(ClassificationDataModule):
         seed: int = 0,
         image_size: int = 224,
         num_classes: int = 1000,
+        decode: Decode = "pil",
     ):
         super().__init__(data_dir, batch_size, num_workers, pin_memory, seed)
+        if decode not in LOADERS:
+            raise ValueError(f"decode={decode!r}: expected one of {', '.join(map(repr, LOADERS))}")
+        if decode != "pil":
+            torchcodec_decoders()
         self.image_size = image_size
         self.num_classes = num_classes
+        self.decode = decode
 
-    def transform(self, train: bool) -> v2.Compose:
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the evaluation centre crop: 256 for 224 crops."""
+        return round(self.image_size * 256 / 224)
+
+    def transform(self, train: bool) -> v2.Compose | None:
+        """Per-sample transforms in the workers: all of them for ``"pil"``, uint8 geometry for ``"tensor"``."""
+        if self.decode == "device":
+            return None
         if train:
             steps = [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip()]
         else:
-            resize = round(self.image_size * 256 / 224)
-            steps = [v2.Resize(resize, antialias=True), v2.CenterCrop(self.image_size)]
-        tail = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        return v2.Compose(steps + tail)
+            steps = [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.image_size)]
+        if self.decode == "pil":
+            steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return v2.Compose(steps)
 
     def _folder(self, split: str, train: bool) -> ImageFolder:
         root = self.data_dir / split
@@ -68,7 +108,7 @@ class ImageNetDataModule(ClassificationDataModule):
                 f"{root} is not a directory: expected {self.data_dir} to hold train/ and val/, "
                 "each with one sub-folder of images per class"
             )
-        dataset = ImageFolder(str(root), transform=self.transform(train), allow_empty=True)
+        dataset = ImageFolder(str(root), transform=self.transform(train), loader=LOADERS[self.decode], allow_empty=True)
         counts = torch.bincount(torch.as_tensor(dataset.targets, dtype=torch.long), minlength=len(dataset.classes))
         empty = [dataset.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
         if empty:
@@ -96,3 +136,40 @@ class ImageNetDataModule(ClassificationDataModule):
             )
         self.train_set = Indexed(train)
         self.val_set = self.test_set = Indexed(val)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        return super()._loader(dataset, train, collate_fn=collate_files if self.decode == "device" else None)
+
+    @property
+    def _training(self) -> bool:
+        return self.trainer is not None and self.trainer.training
+
+    def transfer_batch_to_device(self, batch, device: torch.device, dataloader_idx: int):
+        if self.decode != "device":
+            return super().transfer_batch_to_device(batch, device, dataloader_idx)
+        items, targets, index = batch
+        samples = (self.train_set if self._training else self.val_set).dataset.samples
+        images = decode_to(items, device, name=lambda i: samples[int(index[i])][0])
+        return images, targets.to(device, non_blocking=True), index.to(device, non_blocking=True)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if self.decode == "pil":
+            return batch
+        images, targets, index = batch
+        if self.decode == "device":
+            images = self._train_crops(images) if self._training else self._eval_crops(images)
+        return normalize(images, IMAGENET_MEAN, IMAGENET_STD), targets, index
+
+    def _train_crops(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """RandomResizedCrop + horizontal flip of decoded images, boxes drawn for the batch at once."""
+        generator = step_generator(self.seed, self.trainer.global_step, torch.device("cpu"))
+        boxes = random_resized_crop_boxes(torch.tensor([image.shape[-2:] for image in images]), generator)
+        flips = (torch.rand(len(images), generator=generator) < 0.5).tolist()
+        size = [self.image_size, self.image_size]
+        crops = [TF.resized_crop(image, *box, size, antialias=True) for image, box in zip(images, boxes.tolist())]
+        return torch.stack([crop.flip(-1) if flip else crop for crop, flip in zip(crops, flips)])
+
+    def _eval_crops(self, images: list[torch.Tensor]) -> torch.Tensor:
+        """Resize (shorter side) + CenterCrop, as the evaluation transform."""
+        resized = (TF.resize(image, [self.resize_size], antialias=True) for image in images)
+        return torch.stack([TF.center_crop(image, [self.image_size]) for image in resized])

@@ -58,10 +58,10 @@ def already_collated(batch):
 
 
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 ``(N, C, H, W)`` → float32 scaled to [0, 1] and normalised per channel."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float().div_(255) - mean_t) / std_t
+    """uint8 ``(N, C, H, W)`` → float32 scaled to [0, 1] and normalised per channel, as one scale and shift."""
+    scale = torch.tensor([1 / (255 * s) for s in std], device=images.device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, -1, 1, 1)
+    return images.float().mul_(scale).add_(shift)
 
 
 class UInt8ImageDataModule(ClassificationDataModule):
