@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -167,3 +168,10 @@ def test_fast_paths_train_under_lightning(tree, tmp_path, decode):
     trainer.fit(model, datamodule=imagenet(tree, decode, batch_size=4))
     assert model.seen[:2] == [(torch.float32, (4, 3, 32, 32), True)] * 2
     assert (torch.float32, (4, 3, 32, 32), False) in model.seen
+
+
+def test_missing_torchcodec_says_how_to_install(tree, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchcodec", None)  # makes `import torchcodec` fail
+    with pytest.raises(ImportError, match=re.escape("pip install 'distill[fast-decode]'") + ".*decode: pil"):
+        ImageNetDataModule(data_dir=str(tree), decode="tensor")
+    assert ImageNetDataModule(data_dir=str(tree), decode="pil").decode == "pil"
