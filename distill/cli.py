@@ -30,16 +30,21 @@ from .callbacks.preemption import PreemptionCheckpoint
 from .callbacks.run_summary import RunSummary
 from .data.base import ClassificationDataModule
 from .methods.base import DistillModule
+from .models.slimmable import width_name
 
 LINKED = ("num_classes", "in_chans", "image_size")
 
 
 def default_run_name(config) -> str:
-    """``<dataset>/<method>/<networks>`` from the resolved config, e.g. ``cifar100/offlinekd/resnet32x4-resnet8x4``."""
+    """``<dataset>/<method>/<networks>`` from the resolved config, e.g. ``cifar100/offlinekd/resnet32x4-resnet8x4``.
+
+    A slimmable network trained at some of its widths only is named after them (``resnet56-w0_25``).
+    """
     dataset = config.data.class_path.rsplit(".", 1)[-1].removesuffix("DataModule").lower()
     method = config.model.class_path.rsplit(".", 1)[-1].lower()
     args = config.model.init_args
     nets = [args.get(key) for key in ("model", "teacher", "student", "peer") if args.get(key)]
+    nets += [width_name(w) for w in args.get("train_widths") or ()]
     return "/".join([dataset, method, "-".join(nets)])
 
 

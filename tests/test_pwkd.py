@@ -23,6 +23,7 @@ from distill.models.cifar.shufflenetv1 import Bottleneck as ShuffleV1Block, Shuf
 from distill.models.cifar.shufflenetv2 import DownBlock, ShuffleNetV2
 from distill.models.cifar.vgg import CONFIGS as VGG_CONFIGS, VGG
 from distill.models.cifar.wrn import NetworkBlock, WideResNet
+from distill.models.weights import file_sha256
 from distill.models.slimmable import (
     channels_at, checkpoint_widths, get_width, load_slimmable, make_slimmable, set_width, width_name,
 )
@@ -499,3 +500,122 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, slim_digits_teacher):
     rank0, rank1 = run_two_ranks(args, tmp_path)
     assert "terms.0.regressor.whole.conv.weight" in rank0
     assert_same_tensors(rank0, rank1)
+
+
+# ---- ablation: separately trained narrow teachers ----------------------------------------------
+def test_narrow_teacher_trains_its_width_alone():
+    """train_widths=[0.5]: gradients reach only the 0.5 sub-network (leading slices, its own BatchNorms)."""
+    torch.manual_seed(0)
+    module = SlimmableSupervised(model="resnet20", widths=[0.5, 1.0], train_widths=[0.5], num_classes=10,
+                                 in_chans=1, image_size=16)
+    used = {}  # (output, input) channels each conv/linear really ran with
+
+    def record(layer, inputs, output):
+        used[layer] = (output.shape[1], inputs[0].shape[1] // getattr(layer, "groups", 1))
+
+    hooks = [m.register_forward_hook(record) for m in module.model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    module.train()
+    losses, logits = module.training_losses(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,)), None)
+    for hook in hooks:
+        hook.remove()
+    assert set(losses) == {"ce"} and logits.shape == (8, 10)
+    sum(losses.values()).backward()
+    for layer, (out_ch, in_ch) in used.items():
+        grad = layer.weight.grad
+        assert grad[:out_ch, :in_ch].abs().sum() > 0
+        assert not grad[out_ch:].any() and not grad[:, in_ch:].any()
+    for name, layer in module.model.named_modules():
+        if isinstance(layer, nn.BatchNorm2d) and ".per_width." not in name + ".":
+            assert layer.weight.grad is None, name  # the whole width's own BatchNorms: untouched
+            assert layer.per_width["w0_5"].weight.grad.abs().sum() > 0, name
+    module.eval()
+    set_width(module.model, 0.5)
+    expected = module.model(torch.ones(2, 1, 16, 16))
+    assert module.eval_names == ("",)
+    assert torch.equal(module.eval_logits(torch.ones(2, 1, 16, 16))[""], expected)  # val/top1 is the 0.5 width
+    assert get_width(module.model) == 1.0
+    with pytest.raises(ValueError, match=r"train_widths \[0.25\] must be some of the widths \[0.5, 1.0\]"):
+        SlimmableSupervised(model="resnet20", widths=[0.5, 1.0], train_widths=[0.25], num_classes=10, in_chans=1)
+    with pytest.raises(ValueError, match="sandwich needs the whole width"):
+        SlimmableSupervised(model="resnet20", widths=[0.5, 1.0], train_widths=[0.5], sandwich=True, num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def narrow_digits_teachers(tmp_path_factory):
+    """Two resnet20 digits teachers as separately trained ones would be saved: a Lightning-style
+    checkpoint of a slimmable network trained at 0.5 only, and an ordinary network (width 1.0)."""
+    folder = tmp_path_factory.mktemp("narrow")
+    torch.manual_seed(1)
+    half = make_slimmable(create_model("resnet20", num_classes=10, in_chans=1), widths=(0.5, 1.0), image_size=16)
+    state = {f"model.{k}": v for k, v in half.state_dict().items()}
+    torch.save({"state_dict": state, "hyper_parameters": {"train_widths": [0.5]}}, folder / "resnet20-w0_5.ckpt")
+    torch.manual_seed(2)
+    torch.save(create_model("resnet20", num_classes=10, in_chans=1).state_dict(), folder / "resnet20.pt")
+    return [str(folder / "resnet20-w0_5.ckpt"), str(folder / "resnet20.pt")]
+
+
+class StageTeacherRecorder(pl.Callback):
+    """Per training step: which stage teacher the module distills from, and at which width."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        index = next(k for k, t in enumerate(pl_module.stage_teachers) if t is pl_module.teacher)
+        self.steps.append((index, get_width(pl_module.teacher)))
+
+
+def narrow_args(tmp_path, teachers) -> list[str]:
+    """PWKD (FitNet) on the digits, stages 0.5 then 1.0, each from its own teacher file."""
+    config = write_config(tmp_path / "narrow.yaml", {"model": {"init_args": {
+        "teacher_weights": None, "stage_teacher_weights": teachers, "terms": [{"class_path": "distill.losses.terms.FitNetTerm"}],
+    }}})
+    stages = stages_config(tmp_path, [0.5, 1.0], [2, 2], {"class_path": "test_pwkd.StageTeacherRecorder"})
+    return ["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/pwkd.yaml"),
+            "--config", config, "--config", stages, "--trainer.max_epochs=4", *FAST]
+
+
+def test_stage_teachers_take_turns_and_resume_exactly(in_tmp, narrow_digits_teachers):
+    args = narrow_args(in_tmp, narrow_digits_teachers)
+    cli = build_cli([*args, "--trainer.logger.init_args.name=straight"])
+    steps = next(cb for cb in cli.trainer.callbacks if isinstance(cb, StageTeacherRecorder)).steps
+    assert steps == [(0, 0.5)] * 4 + [(1, 1.0)] * 4  # 2 stages × 2 epochs × 2 batches
+    straight = torch.load(in_tmp / "runs/straight/version_0/checkpoints/last.ckpt", weights_only=True)
+    record = straight["distill_teacher"]
+    assert record["sha256"] == [file_sha256(path) for path in narrow_digits_teachers]
+    assert record["widths"] == [[0.5], [1.0]]
+    assert "terms.0.regressor.whole.conv.weight" in straight["state_dict"]  # FitNet's regressor follows the width
+    main([*args, "--trainer.logger.init_args.name=stop", "--trainer.max_steps=6"])  # stopped in stage 2
+    first = in_tmp / "runs/stop/version_0/checkpoints/last.ckpt"
+    main([*args, f"--ckpt_path={first}"])
+    assert_same_training_state(straight, torch.load(first, weights_only=True))
+
+
+def test_stage_teacher_mistakes_are_named(tmp_path, narrow_digits_teachers):
+    half, plain = narrow_digits_teachers
+    trainer = SimpleNamespace(max_epochs=4)
+
+    def pwkd(**kwargs):
+        return PWKD(student="resnet8", teacher="resnet20", terms=[KDTerm()], num_classes=10, in_chans=1,
+                    image_size=16, **kwargs)
+
+    with pytest.raises(ValueError, match="teacher_weights or stage_teacher_weights, not both"):
+        pwkd(teacher_weights=plain, stage_teacher_weights=[half, plain])
+    with pytest.raises(ValueError, match=r"2 stage_teacher_weights for 3 stages \[0.25, 0.5, 1.0\]"):
+        PWKDStages(widths=[0.25, 0.5, 1.0]).setup(trainer, pwkd(stage_teacher_weights=[half, plain]), "fit")
+    with pytest.raises(ValueError, match=rf"stage 1 runs its teacher at width 1.0, but {half} was trained at widths \[0.5\]"):
+        PWKDStages(widths=[0.5, 1.0]).setup(trainer, pwkd(stage_teacher_weights=[half, half]), "fit")
+    with pytest.raises(ValueError, match=r"widths \[1.0\] are not widths the teacher was trained at \(\[0.5\]"):
+        PWKDStages(widths=[0.5, 1.0]).setup(trainer, pwkd(teacher_weights=half), "fit")  # a narrow one is no slimmable teacher
+
+
+@pytest.mark.parametrize("ablation", sorted(p.stem for p in (CONFIGS / "pwkd/cifar100/ablations").glob("*.yaml")))
+def test_ablation_configs_compose_with_a_pair_and_a_method(ablation, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(CONFIGS / "cifar100/pairs/resnet32x4_resnet8x4.yaml"),
+              "--config", str(CONFIGS / "methods/kd.yaml"), "--config", str(CONFIGS / "pwkd/cifar100/pwkd.yaml"),
+              "--config", str(CONFIGS / f"pwkd/cifar100/ablations/{ablation}.yaml"), "--print_config"])
+    assert stop.value.code in (0, None)
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["class_path"] == "distill.methods.pwkd.PWKD"
+    assert any(cb["class_path"] == "distill.callbacks.pwkd.PWKDStages" for cb in config["trainer"]["callbacks"])

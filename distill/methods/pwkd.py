@@ -42,7 +42,8 @@ class SlimmableSupervised(DistillModule):
 
     Each step runs one forward per width (widest first), sums the per-width losses and takes one
     optimiser step. Every width's top-1 is logged (``val/w0_25_top1`` …); the whole width is the
-    main ``val/top1``.
+    main ``val/top1``. The checkpoint records ``train_widths`` (hyper-parameters): PWKD refuses to
+    run a teacher at a width it was not trained at.
 
     Args:
         model: zoo architecture name.
@@ -52,6 +53,9 @@ class SlimmableSupervised(DistillModule):
         inplace_temperature: [chosen] temperature of the in-place distillation (1).
         init_weights: optional checkpoint to start from: an ordinary one of the same architecture
             (its BatchNorm slices start the narrow widths) or a slimmable one at the same widths.
+        train_widths: the widths trained and evaluated (default: all of ``widths``; the widest is
+            ``val/top1``). ``[0.25]`` trains the 0.25 sub-network alone, i.e. an ordinary narrow
+            network: the separately trained narrow teacher of PWKD's ablation (METHODS.md §3).
         model_kwargs: extra constructor arguments of the architecture.
     """
 
@@ -62,11 +66,17 @@ class SlimmableSupervised(DistillModule):
         sandwich: bool = False,
         inplace_temperature: float = 1.0,
         init_weights: str | None = None,
+        train_widths: Sequence[float] | None = None,
         model_kwargs: dict | None = None,
         **kwargs,
     ):
         self.widths = check_widths(widths)
-        self.eval_names = ("",) + tuple(width_name(w) for w in self.widths[:-1])  # read by the base's metrics
+        self.train_widths = self.widths if train_widths is None else tuple(sorted({float(w) for w in train_widths}))
+        if not self.train_widths or not set(self.train_widths) <= set(self.widths):
+            raise ValueError(f"train_widths {list(self.train_widths)} must be some of the widths {list(self.widths)}")
+        if sandwich and self.train_widths[-1] != 1.0:
+            raise ValueError("sandwich needs the whole width among train_widths (it teaches the narrower ones)")
+        self.eval_names = ("",) + tuple(width_name(w) for w in self.train_widths[:-1])  # read by the base's metrics
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.sandwich, self.inplace_temperature = sandwich, inplace_temperature
@@ -85,24 +95,26 @@ class SlimmableSupervised(DistillModule):
 
     def training_losses(self, images, targets, index):
         losses = {}
-        for width in reversed(self.widths):
+        widest = self.train_widths[-1]
+        for width in reversed(self.train_widths):
             set_width(self.model, width)
             logits = self.model(images)
-            if width == 1.0:
-                whole = logits
+            if width == widest:
+                main = logits
                 losses["ce"] = F.cross_entropy(logits.float(), targets)
             elif self.sandwich:
-                losses[f"kd_{width_name(width)}"] = soft_cross_entropy(logits, whole.detach(), self.inplace_temperature)
+                losses[f"kd_{width_name(width)}"] = soft_cross_entropy(logits, main.detach(), self.inplace_temperature)
             else:
                 losses[f"ce_{width_name(width)}"] = F.cross_entropy(logits.float(), targets)
         set_width(self.model, 1.0)
-        return losses, whole
+        return losses, main
 
     def eval_logits(self, images):
         logits = {}
-        for width in self.widths:
+        for width in self.train_widths:
             set_width(self.model, width)
-            logits["" if width == 1.0 else width_name(width)] = self.model(images)
+            logits["" if width == self.train_widths[-1] else width_name(width)] = self.model(images)
+        set_width(self.model, 1.0)
         return logits
 
 
@@ -147,6 +159,14 @@ class PerStageConnector(nn.Module):
         return self.per_stage[self.stage](*args)
 
 
+def trained_widths(path: str, held: Sequence[float]) -> list[float]:
+    """The widths the checkpoint at ``path`` was trained at: the ``train_widths`` its ``SlimmableSupervised``
+    run recorded among its hyper-parameters, else every width it holds (``held``)."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    recorded = (checkpoint.get("hyper_parameters") or {}).get("train_widths") if isinstance(checkpoint, dict) else None
+    return sorted(float(w) for w in recorded) if recorded else [float(w) for w in held]
+
+
 def reset_teacher_memory(memory: ContrastMemory, stage: int) -> None:
     """[chosen] CRD at a stage boundary: the teacher bank restarts from a fresh uniform draw (as at
     the start of training, generator seeded by ``seed + stage``, identical on every rank), and the
@@ -169,24 +189,46 @@ class PWKD(OfflineKD):
             state_dict; ``{teacher}`` is replaced by the teacher's name (the convention of the
             ``lightning_configs/pwkd`` files). An ordinary checkpoint is made slimmable at the whole
             width only, so it serves whole-width stages (ablations) only.
+        stage_teacher_weights: the ablation "slimmable teacher vs separately trained narrow
+            teachers" (METHODS.md §3), instead of ``teacher_weights``: one checkpoint per stage, stage
+            ``k``'s teacher trained alone at that stage's width (``SlimmableSupervised`` with
+            ``train_widths: [w]``, or an ordinary teacher for width 1.0); ``{teacher}`` as above.
         connectors: ``sliced`` ([chosen] default): one connector for the whole teacher, sliced to
             the active width; ``fresh``: a separately initialised connector per stage (under DDP
             this needs ``strategy: ddp_find_unused_parameters_true``).
         Other arguments as :class:`~distill.methods.kd.OfflineKD`.
     """
 
-    def __init__(self, connectors: Literal["sliced", "fresh"] = "sliced", **kwargs):
+    def __init__(
+        self,
+        connectors: Literal["sliced", "fresh"] = "sliced",
+        stage_teacher_weights: Sequence[str] | None = None,
+        **kwargs,
+    ):
         if connectors not in ("sliced", "fresh"):
             raise ValueError(f"PWKD connectors must be 'sliced' or 'fresh', got {connectors!r}")
         self.connectors = connectors
+        self.stage_teacher_weights = list(stage_teacher_weights or [])
+        self.stage_teachers: list[nn.Module] = []  # unregistered, like the teacher; one per stage in the ablation
         super().__init__(**kwargs)
         self.stage_widths: tuple[float, ...] | None = None
         self.stage = -1  # the stage entered last (checkpointed: its boundary actions are not repeated on resume)
 
     def load_teacher(self, name: str, weights: str | None, model_kwargs: dict | None):
-        """The slimmable teacher; ``{teacher}`` in ``teacher_weights`` is replaced by its name."""
-        path = weights.format(teacher=name) if weights else None
+        """The slimmable teacher (or the first stage teacher); ``{teacher}`` in paths is replaced by its name.
 
+        The record's ``widths`` are the widths the teacher was trained at (one list per stage teacher).
+        """
+        if not self.stage_teacher_weights:
+            return self._load_slimmable(name, weights.format(teacher=name) if weights else None, model_kwargs)
+        if weights:
+            raise ValueError("PWKD takes teacher_weights or stage_teacher_weights, not both (set teacher_weights: null)")
+        loaded = [self._load_slimmable(name, path.format(teacher=name), model_kwargs) for path in self.stage_teacher_weights]
+        self.stage_teachers = [teacher for teacher, _ in loaded]
+        info = {key: [record[key] for _, record in loaded] for key in ("weights", "sha256", "widths")}
+        return self.stage_teachers[0], {"arch": name, **info}
+
+    def _load_slimmable(self, name: str, path: str | None, model_kwargs: dict | None):
         def load(teacher: nn.Module, path: str | None) -> None:
             """Without weights (smoke tests only) a random teacher at the default widths."""
             if path:
@@ -195,22 +237,46 @@ class PWKD(OfflineKD):
                 make_slimmable(teacher, DEFAULT_WIDTHS, self.image_size)
 
         teacher, info = build_teacher(name, path, self.num_classes, self.in_chans, model_kwargs, load=load)
-        info["widths"] = list(teacher.slimmable_widths)
+        info["widths"] = trained_widths(path, teacher.slimmable_widths) if path else list(teacher.slimmable_widths)
         return teacher, info
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)  # moves the attached teacher
+        for teacher in self.__dict__.get("stage_teachers", ()):
+            if teacher is not self.__dict__.get("teacher"):
+                teacher._apply(fn, *args, **kwargs)
+        return self
 
     @property
     def teacher_widths(self) -> tuple[float, ...]:
-        return self.teacher.slimmable_widths
+        """The widths the teacher network(s) can run at (whether trained there or not)."""
+        return tuple(sorted({w for teacher in self.stage_teachers or [self.teacher] for w in teacher.slimmable_widths}))
+
+    def _teacher_at(self, width: float) -> nn.Module:
+        return next(t for t in self.stage_teachers or [self.teacher] if width in t.slimmable_widths)
 
     # ---- stages (driven by the PWKDStages callback) -------------------------------------------
     def prepare_stages(self, widths: Sequence[float]) -> None:
-        """Check the teacher was trained at every stage width; make width-dependent connectors follow it."""
-        missing = sorted(set(widths) - set(self.teacher_widths))
-        if missing:
-            raise ValueError(
-                f"PWKD stage widths {missing} are not widths the teacher was trained at ({list(self.teacher_widths)}, "
-                f"from {self.teacher_info['weights']}); train a slimmable teacher at them (lightning_configs/pwkd/*/teachers/)"
-            )
+        """Check each stage's teacher was trained at the stage's width; make width-dependent connectors follow it."""
+        record = self.teacher_info
+        if self.stage_teachers:
+            if len(self.stage_teachers) != len(widths):
+                raise ValueError(
+                    f"PWKD has {len(self.stage_teachers)} stage_teacher_weights for {len(widths)} stages {list(widths)}"
+                )
+            for k, (width, trained) in enumerate(zip(widths, record["widths"])):
+                if width not in trained:
+                    raise ValueError(
+                        f"PWKD stage {k} runs its teacher at width {width}, but {record['weights'][k]} was trained at "
+                        f"widths {trained}; train it with train_widths: [{width}]"
+                    )
+        else:
+            missing = sorted(set(widths) - set(record["widths"]))
+            if missing:
+                raise ValueError(
+                    f"PWKD stage widths {missing} are not widths the teacher was trained at ({record['widths']}, "
+                    f"from {record['weights']}); train a slimmable teacher at them (lightning_configs/pwkd/*/teachers/)"
+                )
         if self.stage_widths is not None:
             if tuple(widths) != self.stage_widths:
                 raise ValueError(f"PWKD stages changed from {list(self.stage_widths)} to {list(widths)} on the same module")
@@ -246,19 +312,22 @@ class PWKD(OfflineKD):
         probe = torch.zeros(2, self.in_chans, self.image_size, self.image_size, device=self.device)
         was_training = self.student.training
         self.student.eval()
-        set_width(self.teacher, width)
+        teacher = self._teacher_at(width)
+        set_width(teacher, width)
         try:
             with torch.no_grad():
-                s, t = self.student(probe, features=True), self.teacher(probe, features=True)
+                s, t = self.student(probe, features=True), teacher(probe, features=True)
         finally:
-            set_width(self.teacher, 1.0)
+            set_width(teacher, 1.0)
             self.student.train(was_training)
         built = copy.deepcopy(term)
         built.build(s, t)
         return built
 
     def enter_stage(self, stage: int, width: float) -> None:
-        """Run the teacher and the connectors at ``width``; on entering a new stage, reset CRD's teacher memory."""
+        """Run the stage's teacher and the connectors at ``width``; on entering a new stage, reset CRD's teacher memory."""
+        if self.stage_teachers:
+            object.__setattr__(self, "teacher", self.stage_teachers[stage])
         set_width(self.teacher, width)
         for module in self.terms.modules():
             if isinstance(module, SlicedConnector):
