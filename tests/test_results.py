@@ -126,6 +126,29 @@ def test_methods_and_variants_come_from_the_config(tmp_path):
     assert table.columns["cifar100"] == ["kd (temperature=2.0)", "kd (temperature=4.0)", "dml"]
 
 
+def test_stage_callbacks_and_teacher_lists_tell_ablations_apart(tmp_path):
+    """PWKD ablations differ in the PWKDStages callback or in per-stage teacher files, not in the model."""
+    pwkd = offline_kd([KD], cls="distill.methods.pwkd.PWKD")
+
+    def stages(widths):
+        return {"callbacks": [{"class_path": "distill.callbacks.pwkd.PWKDStages", "init_args": {"widths": widths}},
+                              {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor"}]}
+
+    narrow = {**pwkd, "init_args": {**pwkd["init_args"], "stage_teacher_weights": [f"w{k}.ckpt" for k in range(4)]}}
+    for name, model, widths in (("a", pwkd, [0.25, 0.5, 0.75, 1.0]), ("b", pwkd, [1.0] * 4),
+                                ("c", narrow, [0.25, 0.5, 0.75, 1.0])):
+        write_run(tmp_path / name, model, [(0, 0.5), (1, 0.6)])
+        config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
+        config["trainer"].update(stages(widths))
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
+    labels = sorted(run.method for run in results.collect(tmp_path))
+    assert labels == [
+        "pwkd:kd (widths=[0.25, 0.5, 0.75, 1.0], stage_teacher_weights=-)",
+        "pwkd:kd (widths=[0.25, 0.5, 0.75, 1.0], stage_teacher_weights=4 files)",
+        "pwkd:kd (widths=[1.0, 1.0, 1.0, 1.0], stage_teacher_weights=-)",
+    ]
+
+
 def test_real_digits_run_is_read_back(in_tmp, tmp_path):
     import torch
     from distill.models import create_model

@@ -11,8 +11,8 @@ seeds, with the mean best-epoch top-1 in brackets (METHODS.md §1). A ``Supervis
 ``student`` column of every pair with its network as student and the ``teacher`` column of every pair
 with it as teacher; other teacher-less runs (DML) fill every pair with their student. Of two runs
 with the same seed in a cell, the one with more epochs (then the newer) counts. Runs whose configs
-differ in anything but the seed, paths and workers are told apart by a label such as
-``sskd (plan=joint)``. ``--out`` also writes ``results.csv`` (one line per cell) and the plots of
+differ in anything but the seed, paths and workers (model, data, epochs, and the arguments of
+``distill.callbacks`` such as PWKD's stages) are told apart by a label such as ``sskd (plan=joint)``. ``--out`` also writes ``results.csv`` (one line per cell) and the plots of
 :mod:`distill.tools.plots`.
 """
 from __future__ import annotations
@@ -32,6 +32,7 @@ from .runs import find_runs, read_config, read_metrics, read_summary, series
 
 FIRST_COLUMNS = ("teacher", "slimmable teacher", "student", "kd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dkd")
 IGNORED_KEYS = ("teacher_weights", "weights", "init_weights", "data_dir", "num_workers", "verify_md5", "download")
+COUNTED_KEYS = ("stage_teacher_weights",)  # lists of paths: only their number tells runs apart
 
 
 @dataclass
@@ -76,17 +77,29 @@ def method_name(model: dict, path: Path) -> str:
 
 
 def flatten(tree, prefix: str = "") -> dict[str, str]:
-    """``{"a.b.0.c": "value"}``: leaves as text (strings as they are, the rest as JSON)."""
-    if isinstance(tree, (dict, list)):
+    """``{"a.b.0.c": "value"}``: leaves as text (strings as they are, the rest, lists of plain values
+    included, as JSON)."""
+    plain_list = isinstance(tree, list) and not any(isinstance(item, (dict, list)) for item in tree)
+    if isinstance(tree, dict) or (isinstance(tree, list) and not plain_list):
         items = tree.items() if isinstance(tree, dict) else enumerate(tree)
         return {k: v for key, value in items for k, v in flatten(value, f"{prefix}{key}.").items()}
     return {prefix.rstrip("."): tree if isinstance(tree, str) else json.dumps(tree, default=str)}
 
 
 def settings(config: dict) -> dict[str, str]:
-    """What makes two runs the same experiment: the model's and data's arguments and the epochs."""
-    flat = flatten({"model": config.get("model"), "data": config.get("data")})
-    flat["max_epochs"] = json.dumps((config.get("trainer") or {}).get("max_epochs"))
+    """What makes two runs the same experiment: the model's and data's arguments, the epochs and the
+    arguments of distill's own callbacks (PWKD stages, SSKD phases)."""
+    trainer = config.get("trainer") or {}
+    callbacks = {
+        cb["class_path"].rsplit(".", 1)[-1]: cb.get("init_args") or {}
+        for cb in trainer.get("callbacks") or []
+        if isinstance(cb, dict) and str(cb.get("class_path", "")).startswith("distill.callbacks.")
+    }
+    flat = flatten({"model": config.get("model"), "data": config.get("data"), "callbacks": callbacks})
+    flat["max_epochs"] = json.dumps(trainer.get("max_epochs"))
+    for key, value in flat.items():
+        if key.rsplit(".", 1)[-1] in COUNTED_KEYS and (files := json.loads(value)):
+            flat[key] = f"{len(files)} files"
     return {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in IGNORED_KEYS}
 
 
