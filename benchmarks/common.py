@@ -14,6 +14,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -108,3 +109,51 @@ def write_fake_jpeg_folder(root: Path, n_images: int, num_classes: int = 10, see
             if split == "train":
                 sizes.append(path.stat().st_size)
     return root, float(np.mean(sizes)) / 1e3
+
+
+def loader_pass(loader, device: str):
+    """One pass of a plain ``(images, targets)`` DataLoader, the batches moved to ``device``; returns the image count."""
+
+    def one_pass() -> int:
+        n = 0
+        for images, targets in loader:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            n += len(targets)
+        return n
+
+    return one_pass
+
+
+def datamodule_pass(dm, device: str):
+    """One pass of a distill DataModule's training loader through its transfer hooks, as a training run
+    sees it (the crops' step counter advancing); returns the image count."""
+    dm.setup("fit")
+    dm.trainer = SimpleNamespace(training=True, global_step=0)  # what the transfer hooks read
+    loader = dm.train_dataloader()
+
+    def one_pass() -> int:
+        n = 0
+        for batch in loader:
+            images, targets, _ = dm.on_after_batch_transfer(dm.transfer_batch_to_device(batch, device, 0), 0)
+            dm.trainer.global_step += 1
+            n += len(targets)
+        return n
+
+    return one_pass
+
+
+def time_pipelines(pipelines: dict, images: int, repeats: int, device: str) -> list[dict]:
+    """Interleaved passes (A, B, C, A, B, C, ...) of every pipeline; per pipeline the median seconds,
+    images/s and speed-up over the first one (the baseline)."""
+    seconds: dict[str, list[float]] = {name: [] for name in pipelines}
+    for _ in range(repeats):
+        for name, one_pass in pipelines.items():
+            start = clock(device)
+            if one_pass() != images:
+                raise RuntimeError(f"{name}: a pass did not yield {images} images")
+            seconds[name].append(clock(device) - start)
+    base = median(next(iter(seconds.values())))
+    return [
+        {"pipeline": name, "median_s": median(s), "images_per_s": images / median(s), "speedup": base / median(s)}
+        for name, s in seconds.items()
+    ]

@@ -21,14 +21,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import CIFAR100
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import clock, median, parser, print_table, write_fake_cifar100, write_json  # noqa: E402
+from common import (  # noqa: E402
+    datamodule_pass, loader_pass, parser, print_table, time_pipelines, write_fake_cifar100, write_json,
+)
 
 from distill.data import CIFAR100DataModule  # noqa: E402
 from distill.data.cifar import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
@@ -52,34 +53,13 @@ def plain_epoch(root: Path, args):
     ]))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         pin_memory=args.device == "cuda")
-
-    def epoch() -> int:
-        n = 0
-        for images, targets in loader:
-            images, targets = images.to(args.device, non_blocking=True), targets.to(args.device, non_blocking=True)
-            n += len(targets)
-        return n
-
-    return epoch
+    return loader_pass(loader, args.device)
 
 
 def distill_epoch(root: Path, args, pipeline: str):
     dm = CIFAR100DataModule(str(root), batch_size=args.batch_size, num_workers=args.workers, pipeline=pipeline,
                             verify_md5=False)
-    dm.setup("fit")
-    dm.trainer = SimpleNamespace(training=True, global_step=0)  # what on_after_batch_transfer reads
-    loader = dm.train_dataloader()
-
-    def epoch() -> int:
-        n = 0
-        for batch in loader:
-            batch = tuple(t.to(args.device, non_blocking=True) for t in batch)
-            images, targets, _ = dm.on_after_batch_transfer(batch, 0)
-            dm.trainer.global_step += 1
-            n += len(targets)
-        return n
-
-    return epoch
+    return datamodule_pass(dm, args.device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -98,18 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
             "distill torchvision": distill_epoch(root, args, "torchvision"),
             "distill device": distill_epoch(root, args, "device"),
         }
-        seconds: dict[str, list[float]] = {name: [] for name in pipelines}
-        for _ in range(args.repeats):
-            for name, epoch in pipelines.items():
-                start = clock(args.device)
-                if epoch() != args.images:
-                    raise RuntimeError(f"{name}: an epoch did not yield {args.images} images")
-                seconds[name].append(clock(args.device) - start)
-    base = median(seconds["torchvision (plain)"])
-    rows = [
-        {"pipeline": name, "median_s": median(s), "images_per_s": args.images / median(s), "speedup": base / median(s)}
-        for name, s in seconds.items()
-    ]
+        rows = time_pipelines(pipelines, args.images, args.repeats, args.device)
     print_table(
         f"One CIFAR-100 epoch of augmentation ({args.images} images, batch {args.batch_size}, {args.device}, "
         f"{args.workers} workers, median of {args.repeats})",

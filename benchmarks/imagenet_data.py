@@ -22,14 +22,15 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 from torch.utils.data import DataLoader
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import clock, median, parser, print_table, write_fake_jpeg_folder, write_json  # noqa: E402
+from common import (  # noqa: E402
+    datamodule_pass, loader_pass, parser, print_table, time_pipelines, write_fake_jpeg_folder, write_json,
+)
 
 from distill.data import ImageNetDataModule  # noqa: E402
 from distill.data.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
@@ -42,33 +43,13 @@ def plain_pass(root: Path, args):
     ]))
     loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
                         pin_memory=args.device == "cuda", persistent_workers=args.workers > 0)
-
-    def one_pass() -> int:
-        n = 0
-        for images, targets in loader:
-            images, targets = images.to(args.device, non_blocking=True), targets.to(args.device, non_blocking=True)
-            n += len(targets)
-        return n
-
-    return one_pass
+    return loader_pass(loader, args.device)
 
 
 def distill_pass(root: Path, args, decode: str):
     dm = ImageNetDataModule(str(root), batch_size=args.batch_size, num_workers=args.workers, num_classes=10,
                             decode=decode)
-    dm.setup("fit")
-    dm.trainer = SimpleNamespace(training=True, global_step=0)  # what the transfer hooks read
-    loader = dm.train_dataloader()
-
-    def one_pass() -> int:
-        n = 0
-        for batch in loader:
-            images, targets, _ = dm.on_after_batch_transfer(dm.transfer_batch_to_device(batch, args.device, 0), 0)
-            dm.trainer.global_step += 1
-            n += len(targets)
-        return n
-
-    return one_pass
+    return datamodule_pass(dm, args.device)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -84,18 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         root, kilobytes = write_fake_jpeg_folder(Path(tmp), args.images)
         pipelines = {"torchvision (plain)": plain_pass(root, args)}
         pipelines.update({f"distill {decode}": distill_pass(root, args, decode) for decode in ("pil", "tensor", "device")})
-        seconds: dict[str, list[float]] = {name: [] for name in pipelines}
-        for _ in range(args.repeats):
-            for name, one_pass in pipelines.items():
-                start = clock(args.device)
-                if one_pass() != args.images:
-                    raise RuntimeError(f"{name}: a pass did not yield {args.images} images")
-                seconds[name].append(clock(args.device) - start)
-    base = median(seconds["torchvision (plain)"])
-    rows = [
-        {"pipeline": name, "median_s": median(s), "images_per_s": args.images / median(s), "speedup": base / median(s)}
-        for name, s in seconds.items()
-    ]
+        rows = time_pipelines(pipelines, args.images, args.repeats, args.device)
     print_table(
         f"ImageNet training augmentation over {args.images} JPEGs (mean {kilobytes:.0f} kB; batch {args.batch_size}, "
         f"{args.device}, {args.workers} workers, median of {args.repeats})",
