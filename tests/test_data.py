@@ -232,7 +232,7 @@ def test_imagenet_batches(tmp_path):
         assert images.dtype == torch.float32 and images.shape == (4, 3, 32, 32)
         assert targets.dtype == torch.long and index.shape == (4,)
         assert -2.2 < images.min() and images.max() < 2.7  # ImageNet-normalised [0, 1]
-    assert dm.transform(train=False).transforms[0].size == [37]  # 32 · 256 / 224
+    assert dm.transform(train=False).transforms[0].size == 37  # 32 · 256 / 224
 
 
 def test_imagenet_errors_name_the_directory(tmp_path):

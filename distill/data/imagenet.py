@@ -25,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
+from torchvision import transforms
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -89,17 +90,19 @@ class ImageNetDataModule(ClassificationDataModule):
         """Shorter side before the evaluation centre crop: 256 for 224 crops."""
         return round(self.image_size * 256 / 224)
 
-    def transform(self, train: bool) -> v2.Compose | None:
-        """Per-sample transforms in the workers: all of them for ``"pil"``, uint8 geometry for ``"tensor"``."""
+    def transform(self, train: bool) -> v2.Compose | transforms.Compose | None:
+        """Per-sample transforms in the workers: the classic transforms of torchvision's reference
+        scripts for ``"pil"`` (cheaper on PIL images than v2's), uint8 geometry for ``"tensor"``."""
         if self.decode == "device":
             return None
+        api = transforms if self.decode == "pil" else v2
         if train:
-            steps = [v2.RandomResizedCrop(self.image_size, antialias=True), v2.RandomHorizontalFlip()]
+            steps = [api.RandomResizedCrop(self.image_size, antialias=True), api.RandomHorizontalFlip()]
         else:
-            steps = [v2.Resize(self.resize_size, antialias=True), v2.CenterCrop(self.image_size)]
+            steps = [api.Resize(self.resize_size, antialias=True), api.CenterCrop(self.image_size)]
         if self.decode == "pil":
-            steps += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        return v2.Compose(steps)
+            steps += [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        return api.Compose(steps)
 
     def _folder(self, split: str, train: bool) -> ImageFolder:
         root = self.data_dir / split
