@@ -175,3 +175,36 @@ def test_missing_torchcodec_says_how_to_install(tree, monkeypatch):
     with pytest.raises(ImportError, match=re.escape("pip install 'distill[fast-decode]'") + ".*decode: pil"):
         ImageNetDataModule(data_dir=str(tree), decode="tensor")
     assert ImageNetDataModule(data_dir=str(tree), decode="pil").decode == "pil"
+
+
+class SaveAtStep(pl.Callback):
+    """Test-only: a checkpoint after training step ``step`` (as a step-interval checkpoint would write it)."""
+
+    def __init__(self, step: int, path: Path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            trainer.save_checkpoint(self.path)
+
+
+def test_device_decode_resumed_mid_epoch_equals_uninterrupted(tree, tmp_path):
+    """Crops are drawn per (seed, global step) and the loader resumes at its next batch: a run resumed
+    from a mid-epoch checkpoint ends with the uninterrupted run's weights."""
+    from distill.methods import Supervised
+
+    def fit(callbacks=(), ckpt_path=None):
+        pl.seed_everything(0)
+        model = Supervised(model="resnet8", num_classes=3, in_chans=3, image_size=32, lr=0.1)
+        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False,
+                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                             default_root_dir=tmp_path, callbacks=list(callbacks))
+        trainer.fit(model, datamodule=imagenet(tree, "device", batch_size=4), ckpt_path=ckpt_path)
+        return model.state_dict()
+
+    middle = tmp_path / "middle.ckpt"
+    straight = fit([SaveAtStep(4, middle)])  # 3 batches an epoch (9 images): after batch 1 of epoch 2
+    assert torch.load(middle, weights_only=True)["ImageNetDataModule"] == {"train_position": {"epoch": 1, "batches": 1}}
+    resumed = fit(ckpt_path=middle)
+    for name, value in straight.items():
+        assert torch.equal(value, resumed[name]), name
