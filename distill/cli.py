@@ -27,6 +27,7 @@ from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from .callbacks.preemption import PreemptionCheckpoint
+from .callbacks.best_checkpoint import BestCheckpoint
 from .callbacks.run_summary import RunSummary
 from .data.base import ClassificationDataModule
 from .methods.base import DistillModule
@@ -87,7 +88,7 @@ class DistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in LINKED:
             parser.link_arguments(f"data.{key}", f"model.init_args.{key}", apply_on="instantiate")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(RunSummary, "run_summary")

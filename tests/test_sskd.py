@@ -16,6 +16,7 @@ from distill.data import DigitsDataModule
 from distill.methods import Supervised
 from distill.methods.sskd import SSKD, mimic_loss, require_unused_parameter_search
 from distill.models import create_model
+from distill.tools.results import load_run
 from distill.tools.runs import read_metrics
 from fakedata import write_fake_cifar100
 
@@ -321,3 +322,17 @@ def test_plain_ddp_is_refused_and_resume_with_other_epochs_too():
     callback.phase_epochs = [1, 1, 1, 1]
     with pytest.raises(ValueError, match=r"trained with SSKD phase epochs \[2, 1, 1, 1\], this run has \[1, 1, 1, 1\]"):
         callback.load_state_dict({"phase_epochs": [2, 1, 1, 1]})
+
+
+def test_only_the_head_phase_can_be_the_best(tmp_path, digits_teacher, monkeypatch):
+    """Backbone phases evaluate an untrained classifier: they log no val/top1_best and write no best checkpoint."""
+    monkeypatch.chdir(tmp_path)  # 6 epochs split [2, 2, 1, 1]: the head phase is epoch 5
+    main(digits_cli_args(digits_teacher, 6, "--trainer.logger.init_args.name=run"))
+    run = tmp_path / "runs/run/version_0"
+    rows = read_metrics(run)
+    best_epochs = sorted({int(r["epoch"]) for r in rows if "val/top1_best" in r})
+    top1 = {int(r["epoch"]): r["val/top1"] for r in rows if "val/top1" in r}
+    assert best_epochs == [5] and len(top1) == 6  # val/top1 itself is still logged every epoch
+    assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == ["best-epoch005.ckpt"]
+    assert "val/teacher_top1_best" in {k for r in rows for k in r}  # the teacher's measurement still counts
+    assert load_run(run).best == pytest.approx(100 * top1[5])  # the results table's [best] too

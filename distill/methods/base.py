@@ -169,10 +169,17 @@ class DistillModule(pl.LightningModule):
                 metric.update(value, targets)  # computed once per epoch when logged
                 self.log(f"{prefix}{k}", metric, on_step=False, on_epoch=True, batch_size=len(targets))
 
+    @property
+    def selects_best(self) -> bool:
+        """Whether this epoch's ``val/top1`` may be the run's best (``val/top1_best``, the best checkpoint)."""
+        return True
+
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
             return
         for name in self.eval_names:
+            if not name and not self.selects_best:
+                continue
             metric = self.metrics[f"val_{name or 'main'}"]["top1"]
             if metric.update_count == 0:
                 continue

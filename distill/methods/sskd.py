@@ -185,6 +185,12 @@ class SSKD(TeacherMixin, DistillModule):
     def phase(self) -> Phase:
         return self.phases[self.phase_index]
 
+    @property
+    def selects_best(self) -> bool:
+        """[chosen] Only epochs of a phase that trains the classifier may be the best: before it, the
+        student's val/top1 comes from an untrained head."""
+        return self.phase.ce
+
     def describe_phase(self) -> str:
         """One line for the log: what the current phase trains, on what, and whether val/top1 means anything."""
         index, phase = self.phase_index, self.phase

@@ -7,7 +7,8 @@ from its ``config.yaml``, never from its path: the dataset (``data.class_path``)
 (``model.class_path``; an ``OfflineKD`` run is named by its terms, e.g. ``kd`` or ``crd+kd``, another
 method with terms by both, e.g. ``pwkd:kd``), the networks (``teacher``/``student``, or ``model``)
 and the seed (``seed_everything``). A cell is the last-epoch val top-1 (%) as mean ± sample std over
-seeds, with the mean best-epoch top-1 in brackets (METHODS.md §1). A ``Supervised`` run fills the
+seeds, with the mean best-epoch top-1 in brackets (METHODS.md §1; the run's ``val/top1_best`` where
+it logged one, so SSKD's backbone phases do not count). A ``Supervised`` run fills the
 ``student`` column of every pair with its network as student and the ``teacher`` column of every pair
 with it as teacher; other teacher-less runs (DML) fill every pair with their student. Of two runs
 with the same seed in a cell, the one with more epochs (then the newer) counts. Runs whose configs
@@ -115,6 +116,7 @@ def load_run(path: Path) -> Run | None:
         raise ValueError(f"{path / 'config.yaml'}: model.init_args has neither 'student' nor 'model'")
     metrics = read_metrics(path)
     top1 = [v for _, v in series(metrics, "val/top1")]
+    best = [v for _, v in series(metrics, "val/top1_best")]  # the method's own (SSKD: head phase only)
     if not top1:
         warnings.warn(f"{path}: no val/top1 logged yet; skipped", stacklevel=2)
         return None
@@ -127,7 +129,7 @@ def load_run(path: Path) -> Run | None:
         student=student,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         last=100 * top1[-1],
-        best=100 * max(top1),
+        best=100 * (best[-1] if best else max(top1)),
         epochs=len(top1),
         max_epochs=(config.get("trainer") or {}).get("max_epochs"),
         seconds=read_summary(path).get("run_time_s"),
