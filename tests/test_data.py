@@ -27,9 +27,9 @@ def cifar(root: Path, **kwargs) -> CIFAR100DataModule:
     return CIFAR100DataModule(data_dir=str(root), **kwargs)
 
 
-def attach(dm, training: bool, step: int = 0) -> None:
+def attach(dm, training: bool, step: int = 0, rank: int = 0) -> None:
     """Stand-in for the Trainer fields the device pipeline reads."""
-    dm.trainer = SimpleNamespace(training=training, global_step=step)
+    dm.trainer = SimpleNamespace(training=training, global_step=step, global_rank=rank)
 
 
 def normalised(raw: torch.Tensor, mean, std) -> torch.Tensor:
@@ -107,6 +107,20 @@ def marked_positions(dm, steps: int, n: int = 256) -> tuple[torch.Tensor, torch.
         rows.append(flat // 32)
         cols.append(flat % 32)
     return torch.cat(rows), torch.cat(cols)
+
+
+def test_device_crops_are_a_function_of_seed_step_and_rank(tmp_path):
+    """The same step redraws the same crops (exact resume); DDP ranks and other steps draw their own."""
+    dm = cifar(tmp_path, pipeline="device")
+    images = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8)
+
+    def augmented(step: int, rank: int) -> torch.Tensor:
+        attach(dm, training=True, step=step, rank=rank)
+        return dm.on_after_batch_transfer((images, torch.zeros(64), torch.arange(64)), 0)[0]
+
+    assert torch.equal(augmented(3, 0), augmented(3, 0))
+    assert not torch.equal(augmented(3, 0), augmented(3, 1))
+    assert not torch.equal(augmented(3, 0), augmented(4, 0))
 
 
 def chi_square_uniform(values: torch.Tensor, k: int) -> float:

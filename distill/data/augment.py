@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 
-def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    """A generator whose stream depends only on ``(seed, step)``."""
-    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step) % (2**63 - 1))
+def step_generator(seed: int, step: int, device: torch.device, rank: int = 0) -> torch.Generator:
+    """A generator whose stream depends only on ``(seed, step, rank)``: each DDP rank draws its own."""
+    return torch.Generator(device=device).manual_seed((seed * 1_000_003 + step + rank * 1_000_000_007) % (2**63 - 1))
 
 
 def random_crop_flip(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:

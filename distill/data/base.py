@@ -1,9 +1,9 @@
 """Shared shape of every DataModule: what the model needs to know, and index-carrying batches.
 
 Every dataset yields ``(image, target, index)``; the index is the sample's position in its split,
-which contrastive memories (CRD) and teacher-output caches key on. Training batches follow a
-permutation of ``(seed, epoch)`` split over the DDP ranks and resume mid-epoch; evaluation sees every
-sample exactly once (:mod:`distill.data.distributed`).
+which contrastive memories (CRD) key on. Training batches follow a permutation of ``(seed, epoch)``
+split over the DDP ranks and resume mid-epoch; evaluation sees every sample exactly once
+(:mod:`distill.data.distributed`).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .augment import step_generator
 from .distributed import ResumableLoader, split_sampler
 
 
@@ -67,6 +68,13 @@ class ClassificationDataModule(pl.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         return torch.as_tensor(self.train_set.targets, dtype=torch.long)
+
+    def augmentation_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of batched augmentation for this training step on this rank: a function of
+        ``(seed, global_step, global_rank)``, so a resumed run draws what the uninterrupted one drew
+        (project choice) and DDP ranks draw independently."""
+        trainer = self.trainer
+        return step_generator(self.seed, trainer.global_step, device, getattr(trainer, "global_rank", 0))
 
     def _loader(self, dataset: Dataset | None, train: bool, collate_fn=None, num_workers: int | None = None) -> DataLoader:
         if dataset is None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .augment import random_crop_flip, step_generator
+from .augment import random_crop_flip
 from .base import ClassificationDataModule
 
 DIGITS_SEED = 0
@@ -89,6 +89,6 @@ class DigitsDataModule(ClassificationDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.pad and self.trainer is not None and self.trainer.training:
             images, targets, index = batch
-            generator = step_generator(self.seed, self.trainer.global_step, images.device)
+            generator = self.augmentation_generator(images.device)
             batch = (random_crop_flip(images, self.pad, flip=False, generator=generator), targets, index)
         return batch

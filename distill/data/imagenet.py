@@ -12,7 +12,7 @@ Three ways to get there (``decode``), the same transforms in each:
   workers; uint8 batches (a quarter of the bytes to copy) are normalised on the device.
 - ``"device"``: workers only read the files; JPEGs are decoded on the training device (nvJPEG on
   CUDA), cropped, resized, flipped and normalised there. Crop boxes come from a generator seeded by
-  ``(seed, global_step)``, so a resumed run draws the same crops (project choice, as for CIFAR).
+  ``(seed, global_step, rank)``, so a resumed run draws the same crops (project choice, as for CIFAR).
 
 DDP-safe: every rank builds the same file lists from the same tree; Lightning adds the
 ``DistributedSampler``. Nothing is downloaded: ImageNet must be obtained and unpacked by hand.
@@ -29,7 +29,7 @@ from torchvision import transforms
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .augment import random_resized_crop_boxes, step_generator
+from .augment import random_resized_crop_boxes
 from .base import ClassificationDataModule, Indexed
 from .jpeg import decode_file, decode_to, read_for_device, torchcodec_decoders
 from .tensor import normalize
@@ -165,7 +165,7 @@ class ImageNetDataModule(ClassificationDataModule):
 
     def _train_crops(self, images: list[torch.Tensor]) -> torch.Tensor:
         """RandomResizedCrop + horizontal flip of decoded images, boxes drawn for the batch at once."""
-        generator = step_generator(self.seed, self.trainer.global_step, torch.device("cpu"))
+        generator = self.augmentation_generator(torch.device("cpu"))
         boxes = random_resized_crop_boxes(torch.tensor([image.shape[-2:] for image in images]), generator)
         flips = (torch.rand(len(images), generator=generator) < 0.5).tolist()
         size = [self.image_size, self.image_size]

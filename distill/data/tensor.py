@@ -3,8 +3,9 @@
 - ``"torchvision"``: per-sample torchvision transforms on uint8 tensors in DataLoader workers.
 - ``"device"``: uint8 batches are sliced from the one in-memory tensor (one indexing op per batch,
   in the main process), moved to the device and augmented + normalised there as a whole batch in
-  ``on_after_batch_transfer``. Crops are drawn from a generator seeded by ``(seed, global_step)``,
-  so a resumed run draws the same crops as an uninterrupted one (project choice).
+  ``on_after_batch_transfer``. Crops are drawn from a generator seeded by
+  ``(seed, global_step, rank)``, so a resumed run draws the same crops as an uninterrupted one
+  (project choice) and DDP ranks draw independently.
 
 Used by CIFAR-100 and Fashion-MNIST.
 """
@@ -16,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from .augment import random_crop_flip, step_generator
+from .augment import random_crop_flip
 from .base import ClassificationDataModule
 
 Pipeline = Literal["torchvision", "device"]
@@ -117,6 +118,6 @@ class UInt8ImageDataModule(ClassificationDataModule):
             return batch
         images, targets, index = batch
         if self.trainer is not None and self.trainer.training:
-            generator = step_generator(self.seed, self.trainer.global_step, images.device)
+            generator = self.augmentation_generator(images.device)
             images = random_crop_flip(images, self.pad, self.flip, generator)
         return normalize(images, self.mean, self.std), targets, index
