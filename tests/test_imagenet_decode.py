@@ -12,8 +12,10 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import FAST
 from fakedata import write_fake_image_folder
 from PIL import Image
+from rank_dump import assert_same_tensors, run_two_ranks
 from test_data import Recorder
 from torchvision.transforms import v2
 
@@ -208,3 +210,13 @@ def test_device_decode_resumed_mid_epoch_equals_uninterrupted(tree, tmp_path):
     resumed = fit(ckpt_path=middle)
     for name, value in straight.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_two_process_ddp_with_device_decode_keeps_ranks_identical(tree, tmp_path):
+    """Each rank decodes and crops its own share on its own device (here the CPU); the weights agree."""
+    args = ["fit", "--model=distill.methods.Supervised", "--model.model=resnet8", "--data=distill.data.ImageNetDataModule",
+            f"--data.data_dir={tree}", "--data.image_size=32", "--data.num_classes=3", "--data.decode=device",
+            "--data.num_workers=0", "--data.batch_size=2", "--trainer.max_epochs=2", *FAST]
+    rank0, rank1 = run_two_ranks(args, tmp_path)
+    assert_same_tensors(rank0, rank1)
+    assert "model.fc.weight" in rank0
