@@ -26,8 +26,8 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from pytorch_lightning.loggers.logger import rank_zero_experiment
 
-from .callbacks.preemption import PreemptionCheckpoint
 from .callbacks.best_checkpoint import BestCheckpoint
+from .callbacks.preemption import PreemptionCheckpoint
 from .callbacks.run_summary import RunSummary
 from .data.base import ClassificationDataModule
 from .methods.base import DistillModule

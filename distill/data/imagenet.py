@@ -23,9 +23,9 @@ from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
-from torchvision import transforms
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 

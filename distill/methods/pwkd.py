@@ -161,8 +161,9 @@ class PerStageConnector(nn.Module):
 
 def trained_widths(path: str, held: Sequence[float]) -> list[float]:
     """The widths the checkpoint at ``path`` was trained at: the ``train_widths`` its ``SlimmableSupervised``
-    run recorded among its hyper-parameters, else every width it holds (``held``)."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    run recorded among its hyper-parameters, else every width it holds (``held``). Memory-mapped: the
+    tensors, already read by the loader, are not read again."""
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     recorded = (checkpoint.get("hyper_parameters") or {}).get("train_widths") if isinstance(checkpoint, dict) else None
     return sorted(float(w) for w in recorded) if recorded else [float(w) for w in held]
 

@@ -13,7 +13,8 @@ it logged one, so SSKD's backbone phases do not count). A ``Supervised`` run fil
 with it as teacher; other teacher-less runs (DML) fill every pair with their student. Of two runs
 with the same seed in a cell, the one with more epochs (then the newer) counts. Runs whose configs
 differ in anything but the seed, paths and workers (model, data, epochs, and the arguments of
-``distill.callbacks`` such as PWKD's stages) are told apart by a label such as ``sskd (plan=joint)``. ``--out`` also writes ``results.csv`` (one line per cell) and the plots of
+``distill.callbacks`` such as PWKD's stages) are told apart by a label such as
+``sskd (plan=joint)``. ``--out`` also writes ``results.csv`` (one line per cell) and the plots of
 :mod:`distill.tools.plots`.
 """
 from __future__ import annotations
