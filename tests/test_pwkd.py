@@ -619,3 +619,9 @@ def test_ablation_configs_compose_with_a_pair_and_a_method(ablation, capsys):
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "distill.methods.pwkd.PWKD"
     assert any(cb["class_path"] == "distill.callbacks.pwkd.PWKDStages" for cb in config["trainer"]["callbacks"])
+
+
+def test_a_missing_stage_teacher_names_its_argument(tmp_path, narrow_digits_teachers):
+    with pytest.raises(FileNotFoundError, match=r"missing.ckpt' \(resnet20\) does not exist: .* set model.init_args.stage_teacher_weights"):
+        PWKD(student="resnet8", teacher="resnet20", terms=[KDTerm()], num_classes=10, in_chans=1, image_size=16,
+             stage_teacher_weights=[narrow_digits_teachers[0], str(tmp_path / "missing.ckpt")])

@@ -224,12 +224,13 @@ class PWKD(OfflineKD):
             return self._load_slimmable(name, weights.format(teacher=name) if weights else None, model_kwargs)
         if weights:
             raise ValueError("PWKD takes teacher_weights or stage_teacher_weights, not both (set teacher_weights: null)")
-        loaded = [self._load_slimmable(name, path.format(teacher=name), model_kwargs) for path in self.stage_teacher_weights]
+        loaded = [self._load_slimmable(name, path.format(teacher=name), model_kwargs, "stage_teacher_weights")
+                  for path in self.stage_teacher_weights]
         self.stage_teachers = [teacher for teacher, _ in loaded]
         info = {key: [record[key] for _, record in loaded] for key in ("weights", "sha256", "widths")}
         return self.stage_teachers[0], {"arch": name, **info}
 
-    def _load_slimmable(self, name: str, path: str | None, model_kwargs: dict | None):
+    def _load_slimmable(self, name: str, path: str | None, model_kwargs: dict | None, key: str = "teacher_weights"):
         def load(teacher: nn.Module, path: str | None) -> None:
             """Without weights (smoke tests only) a random teacher at the default widths."""
             if path:
@@ -237,7 +238,7 @@ class PWKD(OfflineKD):
             else:
                 make_slimmable(teacher, DEFAULT_WIDTHS, self.image_size)
 
-        teacher, info = build_teacher(name, path, self.num_classes, self.in_chans, model_kwargs, load=load)
+        teacher, info = build_teacher(name, path, self.num_classes, self.in_chans, model_kwargs, load=load, weights_key=key)
         info["widths"] = trained_widths(path, teacher.slimmable_widths) if path else list(teacher.slimmable_widths)
         return teacher, info
 

@@ -29,13 +29,14 @@ def build_teacher(
     in_chans: int,
     model_kwargs: dict | None = None,
     load: Callable[[nn.Module, str | None], None] = load_plain,
+    weights_key: str = "teacher_weights",
 ) -> tuple[StagedNet, dict]:
     """Create the teacher, ``load`` its weights (PWKD passes a slimmable loader), freeze it; return
-    it with a record of where it came from."""
+    it with a record of where it came from. ``weights_key`` is the argument a missing file is named by."""
     if weights and not Path(weights).is_file():
         raise FileNotFoundError(
             f"teacher checkpoint {weights!r} ({name}) does not exist: train the teacher first (the config that sets this path "
-            "names, in its comments, the run that writes it) or set model.init_args.teacher_weights"
+            f"names, in its comments, the run that writes it) or set model.init_args.{weights_key}"
         )
     teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
     load(teacher, weights)
