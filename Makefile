@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
-.PHONY: demo test lint bench bench-gpu clean
+.PHONY: demo test test-fast lint format bench bench-gpu clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,8 +19,13 @@ demo: $(STAMP)  ## teacher, student and every method on the embedded digits, on 
 test: $(STAMP)  ## the whole test suite, CPU only, no network
 	$(BIN)/python -m pytest -n 2 tests
 
-lint: $(STAMP)
-	$(BIN)/python -m compileall -q distill tests
+lint: $(STAMP)  ## ruff lint and format check (configured in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)  ## apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 bench: $(STAMP)  ## CPU speed measurements, as ratios against plain PyTorch baselines
 	$(BIN)/python benchmarks/overhead.py --device cpu

@@ -4,6 +4,7 @@ Every benchmark times ``distill`` next to a plain PyTorch baseline, interleaved 
 both see the same machine load, and reports medians and their ratio. Results go to
 ``benchmarks/results/<name>.json`` (``<name>-quick.json`` with ``--quick``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -112,7 +113,10 @@ def write_fake_jpeg_folder(root: Path, n_images: int, num_classes: int = 10, see
 
 
 def loader_pass(loader, device: str):
-    """One pass of a plain ``(images, targets)`` DataLoader, the batches moved to ``device``; returns the image count."""
+    """One pass of a plain ``(images, targets)`` DataLoader, the batches moved to ``device``.
+
+    Returns the image count.
+    """
 
     def one_pass() -> int:
         n = 0

@@ -15,6 +15,7 @@ training run. Reported: median seconds per epoch, images/s, speed-up over the ba
 
     python benchmarks/data.py [--device cuda] [--repeats 5] [--quick]
 """
+
 from __future__ import annotations
 
 import os
@@ -28,7 +29,13 @@ from torchvision.datasets import CIFAR100
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    datamodule_pass, loader_pass, parser, print_table, time_pipelines, write_fake_cifar100, write_json,
+    datamodule_pass,
+    loader_pass,
+    parser,
+    print_table,
+    time_pipelines,
+    write_fake_cifar100,
+    write_json,
 )
 
 from distill.data import CIFAR100DataModule  # noqa: E402
@@ -47,18 +54,28 @@ class UncheckedCIFAR100(CIFAR100):
 
 
 def plain_epoch(root: Path, args):
-    dataset = UncheckedCIFAR100(str(root), train=True, transform=transforms.Compose([
-        transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD),
-    ]))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        pin_memory=args.device == "cuda")
+    dataset = UncheckedCIFAR100(
+        str(root),
+        train=True,
+        transform=transforms.Compose(
+            [
+                transforms.RandomCrop(32, padding=4),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(CIFAR100_MEAN, CIFAR100_STD),
+            ]
+        ),
+    )
+    loader = DataLoader(
+        dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers, pin_memory=args.device == "cuda"
+    )
     return loader_pass(loader, args.device)
 
 
 def distill_epoch(root: Path, args, pipeline: str):
-    dm = CIFAR100DataModule(str(root), batch_size=args.batch_size, num_workers=args.workers, pipeline=pipeline,
-                            verify_md5=False)
+    dm = CIFAR100DataModule(
+        str(root), batch_size=args.batch_size, num_workers=args.workers, pipeline=pipeline, verify_md5=False
+    )
     return datamodule_pass(dm, args.device)
 
 
@@ -67,7 +84,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", type=int, default=50_000)
     p.add_argument("--repeats", type=int, default=3, help="epochs per pipeline")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers (CPU pipelines)")
+    p.add_argument(
+        "--workers", type=int, default=min(4, os.cpu_count() or 1), help="DataLoader workers (CPU pipelines)"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.images, args.repeats = 512, 1

@@ -11,6 +11,7 @@ epoch (compilation, warm-up) is left out of the medians when there are more.
 
     python benchmarks/gpu_epoch.py --device cuda [--precision bf16-mixed] [--channels-last] [--compile]
 """
+
 from __future__ import annotations
 
 import copy
@@ -104,22 +105,44 @@ def main(argv: list[str] | None = None) -> dict:
     warnings.filterwarnings("ignore", message=".*(does not have many workers|smaller than the logging interval).*")
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        dm = CIFAR100DataModule(str(write_fake_cifar100(Path(tmp), args.images, args.test_images)),
-                                batch_size=args.batch_size, pipeline="device", verify_md5=False)
+        dm = CIFAR100DataModule(
+            str(write_fake_cifar100(Path(tmp), args.images, args.test_images)),
+            batch_size=args.batch_size,
+            pipeline="device",
+            verify_md5=False,
+        )
         dm.setup("fit")
-        module = OfflineKD(student="resnet8x4", teacher="resnet32x4", terms=[KDTerm()], ce_weight=0.1,
-                           channels_last=args.channels_last, compile=args.compile)
+        module = OfflineKD(
+            student="resnet8x4",
+            teacher="resnet32x4",
+            terms=[KDTerm()],
+            ce_weight=0.1,
+            channels_last=args.channels_last,
+            compile=args.compile,
+        )
         alternate = AlternateEpochs(PlainEpoch(module, dm, args), args.device)
         trainer = pl.Trainer(
-            accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, max_epochs=args.epochs,
-            precision=args.precision, logger=CSVLogger(Path(tmp) / "logs"), callbacks=[alternate],
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            accelerator="gpu" if args.device == "cuda" else "cpu",
+            devices=1,
+            max_epochs=args.epochs,
+            precision=args.precision,
+            logger=CSVLogger(Path(tmp) / "logs"),
+            callbacks=[alternate],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
         )
         trainer.fit(module, datamodule=dm)
     steady = {k: v[1:] if len(v) > 1 else v for k, v in alternate.seconds.items()}
     rows = [
-        {"side": side, "epoch_s": median(s), "images_per_s": args.images / median(s),
-         "projected_240_epochs_h": PROTOCOL_EPOCHS * median(s) / 3600, "epochs_s": alternate.seconds[side]}
+        {
+            "side": side,
+            "epoch_s": median(s),
+            "images_per_s": args.images / median(s),
+            "projected_240_epochs_h": PROTOCOL_EPOCHS * median(s) / 3600,
+            "epochs_s": alternate.seconds[side],
+        }
         for side, s in steady.items()
     ]
     ratio = rows[0]["epoch_s"] / rows[1]["epoch_s"]

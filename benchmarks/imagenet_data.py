@@ -16,6 +16,7 @@ median seconds per pass, images/s and the speed-up over the baseline.
 
     python benchmarks/imagenet_data.py [--device cuda] [--images 2000] [--workers 8] [--quick]
 """
+
 from __future__ import annotations
 
 import os
@@ -29,7 +30,13 @@ from torchvision.datasets import ImageFolder
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    datamodule_pass, loader_pass, parser, print_table, time_pipelines, write_fake_jpeg_folder, write_json,
+    datamodule_pass,
+    loader_pass,
+    parser,
+    print_table,
+    time_pipelines,
+    write_fake_jpeg_folder,
+    write_json,
 )
 
 from distill.data import ImageNetDataModule  # noqa: E402
@@ -37,18 +44,32 @@ from distill.data.imagenet import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 
 
 def plain_pass(root: Path, args):
-    dataset = ImageFolder(str(root / "train"), transform=transforms.Compose([
-        transforms.RandomResizedCrop(224), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-    ]))
-    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=True, num_workers=args.workers,
-                        pin_memory=args.device == "cuda", persistent_workers=args.workers > 0)
+    dataset = ImageFolder(
+        str(root / "train"),
+        transform=transforms.Compose(
+            [
+                transforms.RandomResizedCrop(224),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        ),
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        pin_memory=args.device == "cuda",
+        persistent_workers=args.workers > 0,
+    )
     return loader_pass(loader, args.device)
 
 
 def distill_pass(root: Path, args, decode: str):
-    dm = ImageNetDataModule(str(root), batch_size=args.batch_size, num_workers=args.workers, num_classes=10,
-                            decode=decode)
+    dm = ImageNetDataModule(
+        str(root), batch_size=args.batch_size, num_workers=args.workers, num_classes=10, decode=decode
+    )
     return datamodule_pass(dm, args.device)
 
 
@@ -64,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         root, kilobytes = write_fake_jpeg_folder(Path(tmp), args.images)
         pipelines = {"torchvision (plain)": plain_pass(root, args)}
-        pipelines.update({f"distill {decode}": distill_pass(root, args, decode) for decode in ("pil", "tensor", "device")})
+        pipelines.update(
+            {f"distill {decode}": distill_pass(root, args, decode) for decode in ("pil", "tensor", "device")}
+        )
         rows = time_pipelines(pipelines, args.images, args.repeats, args.device)
     print_table(
         f"ImageNet training augmentation over {args.images} JPEGs (mean {kilobytes:.0f} kB; batch {args.batch_size}, "

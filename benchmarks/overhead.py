@@ -10,6 +10,7 @@ plain step to the start of the next (fetch, hooks, logging, LR step included).
 
     python benchmarks/overhead.py [--device cuda] [--steps 100] [--quick]
 """
+
 from __future__ import annotations
 
 import copy
@@ -80,20 +81,31 @@ class Interleave(pl.Callback):
 def measure(teacher: str, student: str, args) -> dict:
     device = torch.device(args.device)
     torch.manual_seed(0)
-    module = OfflineKD(student=student, teacher=teacher, terms=[KDTerm()], ce_weight=0.1, num_classes=100, image_size=32)
+    module = OfflineKD(
+        student=student, teacher=teacher, terms=[KDTerm()], ce_weight=0.1, num_classes=100, image_size=32
+    )
     plain = plain_kd_step(copy.deepcopy(module.student).to(device), copy.deepcopy(module.teacher).to(device))
     batches = [
-        (torch.randn(args.batch_size, 3, 32, 32, device=device), torch.randint(0, 100, (args.batch_size,), device=device),
-         torch.arange(args.batch_size, device=device))
+        (
+            torch.randn(args.batch_size, 3, 32, 32, device=device),
+            torch.randint(0, 100, (args.batch_size,), device=device),
+            torch.arange(args.batch_size, device=device),
+        )
         for _ in range(args.distinct_batches)
     ]
     interleave = Interleave(plain, args.device, args.warmup)
     with tempfile.TemporaryDirectory() as logs:
         trainer = pl.Trainer(
-            accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
-            max_steps=args.warmup + args.steps + 1, max_epochs=10**6,  # both, so Lightning counts the epoch before training
-            logger=CSVLogger(logs), callbacks=[interleave], enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0,
+            accelerator="gpu" if device.type == "cuda" else "cpu",
+            devices=1,
+            max_steps=args.warmup + args.steps + 1,
+            max_epochs=10**6,  # both, so Lightning counts the epoch before training
+            logger=CSVLogger(logs),
+            callbacks=[interleave],
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
         )
         trainer.fit(module, DataLoader(batches, batch_size=None))
     times = interleave.times

@@ -7,6 +7,7 @@ interleaved. ``ideal`` is the share of multiply-adds a width keeps, about widthÂ
 
     python benchmarks/pwkd_width.py [--device cuda] [--repeats 50] [--quick]
 """
+
 from __future__ import annotations
 
 import copy
@@ -49,8 +50,13 @@ def measure(name: str, args) -> list[dict]:
                 seconds[config].append(clock(device) - start)
     base = median(seconds[None])
     return [
-        {"teacher": name, "width": "plain" if c is None else c, "median_ms": 1e3 * median(s),
-         "ratio": median(s) / base, "ideal": 1.0 if c is None else c * c}
+        {
+            "teacher": name,
+            "width": "plain" if c is None else c,
+            "median_ms": 1e3 * median(s),
+            "ratio": median(s) / base,
+            "ideal": 1.0 if c is None else c * c,
+        }
         for c, s in seconds.items()
     ]
 
@@ -65,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.repeats, args.warmup, args.batch_size = 2, 1, 4
     rows = [row for name in TEACHERS for row in measure(name, args)]
     print_table(
-        f"Teacher forward per width vs the plain network ({args.device}, batch {args.batch_size}, median of {args.repeats})",
+        f"Teacher forward per width vs the plain network ({args.device}, batch {args.batch_size}, "
+        f"median of {args.repeats})",
         ["teacher", "width", "ms", "ratio", "ideal (w^2)"],
         [[r["teacher"], r["width"], r["median_ms"], r["ratio"], r["ideal"]] for r in rows],
     )

@@ -14,6 +14,7 @@
 - ``--preemption.*`` (on by default): on SIGTERM or SIGUSR1 the fit checkpoints ``last.ckpt`` at the end
   of the current step and stops; resuming from it is exact (``distill.callbacks.preemption``).
 """
+
 from __future__ import annotations
 
 import csv

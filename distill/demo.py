@@ -5,6 +5,7 @@ path a researcher takes), run one after the other under ``runs/demo/<time>/``; t
 the end come from the results tool reading those runs back (``python -m distill.tools.results``).
 Numbers are whatever this machine measures; nothing is hard-coded.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,7 +64,11 @@ def run_job(job: Job, save_dir: Path, teacher_ckpt: Path | None, epochs: int | N
 
 def quiet() -> None:
     """Keep the demo's output to its own lines: Lightning's banners and known warnings go."""
-    warnings.filterwarnings("ignore", message=".*(does not have many workers|args parameter is intended|LeafSpec|smaller than the logging interval).*")
+    warnings.filterwarnings(
+        "ignore",
+        message=".*(does not have many workers|args parameter is intended|LeafSpec"
+        "|smaller than the logging interval).*",
+    )
     for name in ("pytorch_lightning", "lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

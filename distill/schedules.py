@@ -5,11 +5,12 @@ schedule is one function of the global step: a resumed run gets exactly the LR i
 and multi-stage methods (PWKD, SSKD) restart their cycles without swapping schedulers
 (DESIGN.md, resume pitfall). Each returns a multiplier of the base LR.
 """
+
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _warmup(epoch: float, warmup_epochs: float) -> float:

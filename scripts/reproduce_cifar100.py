@@ -34,6 +34,7 @@ forward is roughly a third of a training step), t_(pair,m) ≈ t_s + t_T / 3, mo
 memory bank). The defaults (10 pairs, 5 methods, 3 seeds) make 6 teachers + 9 students × 3 seeds +
 150 method runs = 183 jobs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -115,8 +116,13 @@ def plan(pairs: list[str], methods: list[str], seeds: list[int], runs: Path) -> 
         pair_file = CONFIGS / "cifar100/pairs" / f"{pair}.yaml"
         for method in methods:
             for seed in seeds:
-                jobs.append(Job(f"cifar100/{method}/{pair}/seed{seed}", [pair_file, CONFIGS / "methods" / f"{method}.yaml"],
-                                [f"--model.init_args.teacher_weights={weights}", f"--seed_everything={seed}"]))
+                jobs.append(
+                    Job(
+                        f"cifar100/{method}/{pair}/seed{seed}",
+                        [pair_file, CONFIGS / "methods" / f"{method}.yaml"],
+                        [f"--model.init_args.teacher_weights={weights}", f"--seed_everything={seed}"],
+                    )
+                )
     return teachers, jobs
 
 
@@ -125,17 +131,25 @@ def write_slurm(folder: Path, teachers: list[str], jobs: list[str], runs: Path) 
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
     cwd = shlex.quote(str(Path.cwd()))
-    lines = ["#!/bin/bash", "# Submits the CIFAR-100 reproduction written by scripts/reproduce_cifar100.py.", "set -euo pipefail"]
+    lines = [
+        "#!/bin/bash",
+        "# Submits the CIFAR-100 reproduction written by scripts/reproduce_cifar100.py.",
+        "set -euo pipefail",
+    ]
     after = ""
     for name, commands in (("teachers", teachers), ("jobs", jobs)):
         if not commands:
             continue
         tasks = folder / f"{name}.txt"
         tasks.write_text("".join(f"cd {cwd} && {command}\n" for command in commands))
-        lines.append(f"{name}=$(sbatch --parsable{after} --job-name=distill-{name} --array=1-{len(commands)} "
-                     f"{shlex.quote(str(SBATCH))} {shlex.quote(str(tasks))})")
+        lines.append(
+            f"{name}=$(sbatch --parsable{after} --job-name=distill-{name} --array=1-{len(commands)} "
+            f"{shlex.quote(str(SBATCH))} {shlex.quote(str(tasks))})"
+        )
         after = f" --dependency=afterok:${name}"
-    table = shlex.join([sys.executable, "-m", "distill.tools.results", str(runs / "cifar100"), "--out", str(runs / "cifar100/results")])
+    table = shlex.join(
+        [sys.executable, "-m", "distill.tools.results", str(runs / "cifar100"), "--out", str(runs / "cifar100/results")]
+    )
     table = f"cd {cwd} && {table}"
     lines += [f"sbatch{after.replace('afterok', 'afterany')} --job-name=distill-table --wrap {shlex.quote(table)}", ""]
     submit = folder / "submit.sh"
@@ -148,7 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     pairs = sorted(p.stem for p in (CONFIGS / "cifar100/pairs").glob("*.yaml"))
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", nargs="+", default=pairs, help="pair files (stems) to run (default: all)")
-    parser.add_argument("--methods", nargs="+", default=ANCHOR_METHODS, help=f"method files (default: {' '.join(ANCHOR_METHODS)})")
+    parser.add_argument(
+        "--methods", nargs="+", default=ANCHOR_METHODS, help=f"method files (default: {' '.join(ANCHOR_METHODS)})"
+    )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="save_dir of every run (default: runs)")
     mode = parser.add_mutually_exclusive_group()

@@ -1,4 +1,5 @@
 """Shared fixtures: every test runs on the CPU, offline, one thread per pytest worker."""
+
 import os
 from pathlib import Path
 

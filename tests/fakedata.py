@@ -3,6 +3,7 @@
 Each writer fills ``root`` and returns the directory to pass as a DataModule's ``data_dir``.
 Pixels and labels are drawn from ``numpy.random.default_rng(seed)``; every class appears.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -61,8 +62,9 @@ def write_fake_image_folder(
                 if suffix == ".png":
                     Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(folder / f"{i}.png")
                 else:
-                    coarse = Image.fromarray(rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3),
-                                                          dtype=np.uint8))
+                    coarse = Image.fromarray(
+                        rng.integers(0, 256, (max(height // 16, 2), max(width // 16, 2), 3), dtype=np.uint8)
+                    )
                     coarse.resize((width, height), Image.BICUBIC).save(folder / f"{i}{suffix}", "JPEG", quality=90)
     return Path(root)
 

@@ -1,4 +1,5 @@
 """Test helpers for two-process CPU DDP runs: every rank dumps its weights, tests compare ranks."""
+
 import os
 import subprocess
 import sys
@@ -20,15 +21,26 @@ class DumpWeightsPerRank(pl.Callback):
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
 
 
-def run_two_ranks(args: list[str], cwd: Path, callback: str = "rank_dump.DumpWeightsPerRank",
-                  strategy: str = "ddp") -> tuple[dict, dict]:
+def run_two_ranks(
+    args: list[str], cwd: Path, callback: str = "rank_dump.DumpWeightsPerRank", strategy: str = "ddp"
+) -> tuple[dict, dict]:
     """``distill <args>`` as two gloo processes with ``callback`` dumping ``rank<r>.pt``; both dumps."""
     out = Path(cwd) / "ranks"
-    ddp = [f"--trainer.strategy={strategy}", "--trainer.devices=2",
-           f"--trainer.callbacks+={callback}", f"--trainer.callbacks.out_dir={out}"]
+    ddp = [
+        f"--trainer.strategy={strategy}",
+        "--trainer.devices=2",
+        f"--trainer.callbacks+={callback}",
+        f"--trainer.callbacks.out_dir={out}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "distill.cli", *args, *ddp], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "distill.cli", *args, *ddp],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return tuple(torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
 

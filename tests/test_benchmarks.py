@@ -1,4 +1,5 @@
 """Every benchmark script runs in its tiny ``--quick`` mode on the CPU and writes the JSON it promises."""
+
 import importlib.util
 import json
 from pathlib import Path

@@ -1,8 +1,9 @@
 """``distill fit|validate`` through ``main(args=[...])`` on the embedded digits."""
+
 import pytest
 import torch
-
 from conftest import CONFIGS, FAST
+
 from distill.cli import main
 from distill.tools.runs import read_metrics, series
 

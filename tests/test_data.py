@@ -1,4 +1,5 @@
 """The dataset DataModules on tiny fake files in the real formats (see fakedata.py)."""
+
 from __future__ import annotations
 
 import gzip

@@ -1,4 +1,6 @@
-"""DDP: training shards that keep the ranks in step, evaluation that sees each sample once, SyncBN on the student only."""
+"""DDP: training shards that keep the ranks in step, evaluation that sees each sample once, SyncBN on the
+student only."""
+
 import os
 import subprocess
 import sys
@@ -7,10 +9,10 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from conftest import CONFIGS, FAST
 from pytorch_lightning.plugins import TorchSyncBatchNorm
 from torch import nn
 
-from conftest import CONFIGS, FAST
 from distill.cli import main
 from distill.data.distributed import EpochShardSampler, EvalShardSampler
 from distill.methods import OfflineKD
@@ -73,17 +75,35 @@ def teacher(tmp_path_factory):
 
 def digits_args(command: str, teacher: Path, out: Path, *extra: str) -> list[str]:
     return [
-        command, "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "methods/kd.yaml"),
-        f"--model.init_args.teacher_weights={teacher}", *FAST, "--trainer.limit_val_batches=1.0",
-        "--trainer.callbacks+=test_distributed_eval.EvalRecorder", f"--trainer.callbacks.out_dir={out}", *extra,
+        command,
+        "--config",
+        str(CONFIGS / "digits/pair.yaml"),
+        "--config",
+        str(CONFIGS / "methods/kd.yaml"),
+        f"--model.init_args.teacher_weights={teacher}",
+        *FAST,
+        "--trainer.limit_val_batches=1.0",
+        "--trainer.callbacks+=test_distributed_eval.EvalRecorder",
+        f"--trainer.callbacks.out_dir={out}",
+        *extra,
     ]
 
 
 def run_ddp(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+    }
     ddp = ["--trainer.strategy=ddp", "--trainer.devices=2"]
-    result = subprocess.run([sys.executable, "-m", "distill.cli", *args, *ddp], cwd=cwd, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "distill.cli", *args, *ddp],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -100,14 +120,17 @@ def test_two_process_evaluation_sees_every_sample_once_and_matches_one_process(i
     assert sorted(ranks[0]["indices"] + ranks[1]["indices"]) == sorted(single["indices"]) == list(range(DIGITS_TEST))
     split = "val" if command == "validate" else "test"
     for key in (f"{split}/top1", f"{split}/top5", f"{split}/teacher_top1"):
-        assert ranks[0]["metrics"][key] == ranks[1]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6), key
+        assert (
+            ranks[0]["metrics"][key] == ranks[1]["metrics"][key] == pytest.approx(single["metrics"][key], abs=1e-6)
+        ), key
 
 
 def test_sync_batchnorm_converts_the_student_only(teacher):
     """What ``--trainer.sync_batchnorm true`` applies under DDP (Lightning's ``TorchSyncBatchNorm``) reaches
     the registered student only. In-process: DDP refuses SyncBatchNorm on CPU modules."""
-    module = OfflineKD(student="resnet8", teacher="resnet20", teacher_weights=str(teacher), num_classes=10, in_chans=1,
-                       image_size=16)
+    module = OfflineKD(
+        student="resnet8", teacher="resnet20", teacher_weights=str(teacher), num_classes=10, in_chans=1, image_size=16
+    )
     module = TorchSyncBatchNorm().apply(module)
     assert batchnorm_types(module.student) == ["SyncBatchNorm"]
     assert batchnorm_types(module.teacher) == ["BatchNorm2d"] and not module.teacher.training

@@ -1,14 +1,15 @@
 """``distill export``: every format reproduces the checkpoint-loaded network's outputs."""
+
 import json
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import CONFIGS, FAST
 from onnx.reference import ReferenceEvaluator
 from safetensors.torch import load_file
 
-from conftest import CONFIGS, FAST
 from distill.cli import main
 from distill.models import create_model, load_weights
 from distill.models.slimmable import load_slimmable, make_slimmable, set_width
@@ -35,8 +36,15 @@ def runs(tmp_path_factory):
         args = ["fit", *(a for c in configs for a in ("--config", str(CONFIGS / "digits" / c)))]
         if name != "slimmable":
             args.append(f"--model.init_args.teacher_weights={teacher}")
-        main([*args, "--trainer.max_epochs=1", *FAST, f"--trainer.logger.init_args.save_dir={root}",
-              f"--trainer.logger.init_args.name={name}"])
+        main(
+            [
+                *args,
+                "--trainer.max_epochs=1",
+                *FAST,
+                f"--trainer.logger.init_args.save_dir={root}",
+                f"--trainer.logger.init_args.name={name}",
+            ]
+        )
     return {name: root / name / "version_0/checkpoints/last.ckpt" for name in jobs}
 
 
@@ -60,7 +68,7 @@ def check_all_formats(net, expected_model, fresh, tmp_path, **kwargs):
     with torch.no_grad():
         expected = expected_model.eval()(x)
     for fmt, out in exported_outputs(paths, fresh, x).items():
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5, msg=lambda m: f"{fmt}: {m}")
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5, msg=lambda m, fmt=fmt: f"{fmt}: {m}")
     return paths
 
 
@@ -116,5 +124,7 @@ def test_distill_export_subcommand(runs, tmp_path, capsys):
     main(["export", str(runs["kd"]), "--out", str(tmp_path), "--formats", "pt", "safetensors"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["resnet8.json", "resnet8.pt", "resnet8.safetensors"]
     assert capsys.readouterr().out.splitlines()[0] == str(tmp_path / "resnet8.pt")
-    assert np.allclose(load_file(tmp_path / "resnet8.safetensors")["fc.bias"].numpy(),
-                       torch.load(tmp_path / "resnet8.pt", weights_only=True)["fc.bias"].numpy())
+    assert np.allclose(
+        load_file(tmp_path / "resnet8.safetensors")["fc.bias"].numpy(),
+        torch.load(tmp_path / "resnet8.pt", weights_only=True)["fc.bias"].numpy(),
+    )

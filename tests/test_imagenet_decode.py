@@ -1,4 +1,5 @@
 """ImageNet's three decode paths (pil, tensor, device) on a tiny JPEG tree: same images, same protocol."""
+
 from __future__ import annotations
 
 import io
@@ -65,8 +66,11 @@ def test_jpeg_components_read_from_the_frame_header():
 
 def test_workers_send_bytes_only_for_jpegs_the_device_decodes(tmp_path):
     rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (6, 9, 3), dtype=np.uint8))
-    files = {"rgb.JPEG": jpeg_bytes(rgb), "grey.JPEG": jpeg_bytes(rgb.convert("L")),
-             "cmyk.JPEG": jpeg_bytes(rgb.convert("CMYK"))}
+    files = {
+        "rgb.JPEG": jpeg_bytes(rgb),
+        "grey.JPEG": jpeg_bytes(rgb.convert("L")),
+        "cmyk.JPEG": jpeg_bytes(rgb.convert("CMYK")),
+    }
     png = io.BytesIO()
     rgb.save(png, "PNG")
     files["png.JPEG"] = png.getvalue()  # ImageNet's training set holds a PNG named .JPEG
@@ -123,16 +127,20 @@ def test_crop_boxes_follow_torchvision_random_resized_crop():
     n, (height, width) = 20000, (375, 500)
     ours = random_resized_crop_boxes(torch.tensor([[height, width]] * n), torch.Generator().manual_seed(0)).double()
     torch.manual_seed(0)
-    theirs = torch.tensor([v2.RandomResizedCrop.get_params(torch.empty(1, height, width), [0.08, 1.0], [3 / 4, 4 / 3])
-                           for _ in range(n)], dtype=torch.float64)
+    theirs = torch.tensor(
+        [v2.RandomResizedCrop.get_params(torch.empty(1, height, width), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(n)],
+        dtype=torch.float64,
+    )
     for boxes in (ours, theirs):
         top, left, h, w = boxes.T
         assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
-    stats = [lambda b: (b[:, 2] * b[:, 3]).mean() / (height * width),  # area fraction (0.54 uniform, less clipped)
-             lambda b: (b[:, 3] / b[:, 2]).log().mean(),  # log aspect ratio
-             lambda b: (b[:, 3] / b[:, 2]).log().std(),
-             lambda b: b[:, 0].mean() / height,  # offsets
-             lambda b: b[:, 1].mean() / width]
+    stats = [
+        lambda b: (b[:, 2] * b[:, 3]).mean() / (height * width),  # area fraction (0.54 uniform, less clipped)
+        lambda b: (b[:, 3] / b[:, 2]).log().mean(),  # log aspect ratio
+        lambda b: (b[:, 3] / b[:, 2]).log().std(),
+        lambda b: b[:, 0].mean() / height,  # offsets
+        lambda b: b[:, 1].mean() / width,
+    ]
     for stat in stats:
         assert abs(float(stat(ours) - stat(theirs))) < 0.01
     assert abs(math.log(4 / 3) - float((ours[:, 3] / ours[:, 2]).log().abs().max())) < 0.02  # full ratio range
@@ -164,9 +172,18 @@ def test_bad_files_are_named(tmp_path):
 def test_fast_paths_train_under_lightning(tree, tmp_path, decode):
     """Lightning calls the DataModule's transfer hooks: the step sees normalised float batches."""
     model = Recorder()
-    trainer = pl.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=2, limit_val_batches=1,
-                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(model, datamodule=imagenet(tree, decode, batch_size=4))
     assert model.seen[:2] == [(torch.float32, (4, 3, 32, 32), True)] * 2
     assert (torch.float32, (4, 3, 32, 32), False) in model.seen
@@ -198,9 +215,17 @@ def test_device_decode_resumed_mid_epoch_equals_uninterrupted(tree, tmp_path):
     def fit(callbacks=(), ckpt_path=None):
         pl.seed_everything(0)
         model = Supervised(model="resnet8", num_classes=3, in_chans=3, image_size=32, lr=0.1)
-        trainer = pl.Trainer(accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False,
-                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                             default_root_dir=tmp_path, callbacks=list(callbacks))
+        trainer = pl.Trainer(
+            accelerator="cpu",
+            max_epochs=2,
+            limit_val_batches=0,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=list(callbacks),
+        )
         trainer.fit(model, datamodule=imagenet(tree, "device", batch_size=4), ckpt_path=ckpt_path)
         return model.state_dict()
 
@@ -214,9 +239,20 @@ def test_device_decode_resumed_mid_epoch_equals_uninterrupted(tree, tmp_path):
 
 def test_two_process_ddp_with_device_decode_keeps_ranks_identical(tree, tmp_path):
     """Each rank decodes and crops its own share on its own device (here the CPU); the weights agree."""
-    args = ["fit", "--model=distill.methods.Supervised", "--model.model=resnet8", "--data=distill.data.ImageNetDataModule",
-            f"--data.data_dir={tree}", "--data.image_size=32", "--data.num_classes=3", "--data.decode=device",
-            "--data.num_workers=0", "--data.batch_size=2", "--trainer.max_epochs=2", *FAST]
+    args = [
+        "fit",
+        "--model=distill.methods.Supervised",
+        "--model.model=resnet8",
+        "--data=distill.data.ImageNetDataModule",
+        f"--data.data_dir={tree}",
+        "--data.image_size=32",
+        "--data.num_classes=3",
+        "--data.decode=device",
+        "--data.num_workers=0",
+        "--data.batch_size=2",
+        "--trainer.max_epochs=2",
+        *FAST,
+    ]
     rank0, rank1 = run_two_ranks(args, tmp_path)
     assert_same_tensors(rank0, rank1)
     assert "model.fc.weight" in rank0

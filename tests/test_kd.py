@@ -1,17 +1,18 @@
 """The offline KD engine: frozen teacher, gradient routing, resume, every base method, DDP."""
+
 from pathlib import Path
 
 import pytest
 import torch
-
-from rank_dump import assert_same_tensors, run_two_ranks
 from conftest import CONFIGS, FAST
+from fakedata import write_fake_cifar100
+from rank_dump import assert_same_tensors, run_two_ranks
+
 from distill.cli import main
 from distill.losses.terms import CRDTerm, FitNetTerm, KDTerm
 from distill.methods import OfflineKD
 from distill.models import create_model
 from distill.tools.runs import read_metrics
-from fakedata import write_fake_cifar100
 
 METHODS = ["kd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dkd", "crd_kd"]
 
@@ -26,10 +27,19 @@ def digits_teacher(tmp_path):
 
 
 def fit_digits(method: str, teacher: Path, epochs: int = 1, *extra: str):
-    main([
-        "fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / f"methods/{method}.yaml"),
-        f"--model.init_args.teacher_weights={teacher}", f"--trainer.max_epochs={epochs}", *FAST, *extra,
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits/pair.yaml"),
+            "--config",
+            str(CONFIGS / f"methods/{method}.yaml"),
+            f"--model.init_args.teacher_weights={teacher}",
+            f"--trainer.max_epochs={epochs}",
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 def test_teacher_is_frozen_and_kept_out_of_checkpoint(in_tmp, digits_teacher):
@@ -45,8 +55,15 @@ def test_teacher_is_frozen_and_kept_out_of_checkpoint(in_tmp, digits_teacher):
 
 
 def test_teacher_weights_bit_identical_after_fit(digits_teacher):
-    module = OfflineKD(student="resnet8", teacher="resnet20", teacher_weights=str(digits_teacher),
-                       terms=[KDTerm()], num_classes=10, in_chans=1, image_size=16)
+    module = OfflineKD(
+        student="resnet8",
+        teacher="resnet20",
+        teacher_weights=str(digits_teacher),
+        terms=[KDTerm()],
+        num_classes=10,
+        in_chans=1,
+        image_size=16,
+    )
     before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     images, targets = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
     module.train()
@@ -63,8 +80,15 @@ def test_teacher_weights_bit_identical_after_fit(digits_teacher):
 
 def test_gradients_reach_student_and_connectors_only(digits_teacher):
     terms = [KDTerm(), FitNetTerm(), CRDTerm(num_negatives=16)]
-    module = OfflineKD(student="resnet8", teacher="resnet20", teacher_weights=str(digits_teacher),
-                       terms=terms, num_classes=10, in_chans=1, image_size=16)
+    module = OfflineKD(
+        student="resnet8",
+        teacher="resnet20",
+        teacher_weights=str(digits_teacher),
+        terms=terms,
+        num_classes=10,
+        in_chans=1,
+        image_size=16,
+    )
     module.terms[2].setup_data(torch.arange(40) % 10)
     module.train()
     losses, _ = module.training_losses(torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,)), torch.arange(8))
@@ -106,10 +130,18 @@ def cifar_teacher(tmp_path_factory):
 def cifar_args(fake_cifar, teacher, method):
     teacher_arg = [] if method == "dml" else [f"--model.init_args.teacher_weights={teacher}"]  # DML has none
     return [
-        "fit", "--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
-        "--config", str(CONFIGS / f"methods/{method}.yaml"), *teacher_arg, f"--data.init_args.data_dir={fake_cifar}",
-        "--data.init_args.verify_md5=false", "--data.init_args.batch_size=16", "--data.init_args.num_workers=0",
-        "--trainer.max_epochs=1", *FAST,
+        "fit",
+        "--config",
+        str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
+        "--config",
+        str(CONFIGS / f"methods/{method}.yaml"),
+        *teacher_arg,
+        f"--data.init_args.data_dir={fake_cifar}",
+        "--data.init_args.verify_md5=false",
+        "--data.init_args.batch_size=16",
+        "--data.init_args.num_workers=0",
+        "--trainer.max_epochs=1",
+        *FAST,
     ]
 
 

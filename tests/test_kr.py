@@ -1,19 +1,20 @@
 """KR (Liu, Wen, Gao, et al., 2019), the project's reading: aggregation, mask, penalty, matching,
 the CLI on fake data, resume and DDP."""
+
 import logging
 from pathlib import Path
 
 import pytest
 import torch
-
-from rank_dump import assert_same_tensors, run_two_ranks
 from conftest import CONFIGS, FAST
+from fakedata import write_fake_cifar100
+from rank_dump import assert_same_tensors, run_two_ranks
+
 from distill.cli import build_cli, main
 from distill.losses.kr import aggregate_weight, prior_penalty, resize_kernel, top_fraction_mask
 from distill.methods.kr import KR, match_layers, relative_index
 from distill.models import create_model
 from distill.tools.runs import read_metrics
-from fakedata import write_fake_cifar100
 
 DIGITS = dict(num_classes=10, in_chans=1, image_size=16)
 
@@ -100,7 +101,9 @@ def test_resnet56_to_resnet20_matching_table():
     for stage in (1, 2, 3):
         for block, teacher_block in ((0, 0), (1, 4), (2, 8)):  # relative depth: 3 blocks ↦ 9
             for conv in ("conv1", "conv2"):
-                expected.append((f"stage{stage}", f"layer{stage}.{block}.{conv}", f"layer{stage}.{teacher_block}.{conv}"))
+                expected.append(
+                    (f"stage{stage}", f"layer{stage}.{block}.{conv}", f"layer{stage}.{teacher_block}.{conv}")
+                )
             if stage > 1 and block == 0:
                 expected.append((f"stage{stage}", f"layer{stage}.0.downsample.0", f"layer{stage}.0.downsample.0"))
     assert [(m.group, m.student, m.teachers[0]) for m in table] == expected
@@ -115,9 +118,13 @@ def test_identity_pairing_gives_rescaled_teacher_weights(tmp_path):
     teacher_path = save_random(tmp_path, "resnet8", seed=1, num_classes=10, in_chans=1)
     teacher = torch.load(teacher_path, weights_only=True)
     torch.manual_seed(0)
-    module = KR(student="resnet8", teacher="resnet8", teacher_weights=str(teacher_path), init_from_prior=False, **DIGITS)
+    module = KR(
+        student="resnet8", teacher="resnet8", teacher_weights=str(teacher_path), init_from_prior=False, **DIGITS
+    )
     assert len(module.prior_convs) == 9  # every conv of resnet8
-    for match, conv, prior in zip([m for m in module.matching if m.penalised], module.prior_convs, module.priors.buffers()):
+    for match, conv, prior in zip(
+        [m for m in module.matching if m.penalised], module.prior_convs, module.priors.buffers()
+    ):
         assert match.teachers == (match.student,)
         w_t = teacher[f"{match.student}.weight"]
         factor = conv.weight.std(correction=0) / w_t.std(correction=0)  # student untouched: its initial std
@@ -135,7 +142,9 @@ def test_random_prior_and_stage_level_build_other_priors(tmp_path):
         torch.manual_seed(0)
         module = KR(student="resnet8", teacher="resnet20", teacher_weights=str(teacher_path), **DIGITS, **kwargs)
         priors[str(kwargs)] = dict(module.priors.named_buffers())
-        density = sum(int(m.sum()) for m in module.prior_masks.buffers()) / sum(m.numel() for m in module.prior_masks.buffers())
+        density = sum(int(m.sum()) for m in module.prior_masks.buffers()) / sum(
+            m.numel() for m in module.prior_masks.buffers()
+        )
         assert density == pytest.approx(0.1, abs=1e-3)
     base = priors["{}"]
     for other in list(priors.values())[1:]:
@@ -146,8 +155,12 @@ def test_random_prior_and_stage_level_build_other_priors(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"rho": 0.0}, "rho=0.0"), ({"beta": -1.0}, "beta=-1.0"), ({"level": "block"}, "level='block'"),
-     ({"layers": ["stage9/*"]}, "pattern 'stage9/\\*' selects no student conv")],
+    [
+        ({"rho": 0.0}, "rho=0.0"),
+        ({"beta": -1.0}, "beta=-1.0"),
+        ({"level": "block"}, "level='block'"),
+        ({"layers": ["stage9/*"]}, "pattern 'stage9/\\*' selects no student conv"),
+    ],
 )
 def test_bad_config_fails_at_construction_naming_the_key(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -157,19 +170,39 @@ def test_bad_config_fails_at_construction_naming_the_key(kwargs, message):
 def test_layer_patterns_select_penalised_convs():
     module = KR(student="resnet8", teacher="resnet20", layers=["stage3/*", "stem/*"], **DIGITS)
     assert [m.student for m in module.matching if m.penalised] == [
-        "conv1", "layer3.0.conv1", "layer3.0.conv2", "layer3.0.downsample.0"]
+        "conv1",
+        "layer3.0.conv1",
+        "layer3.0.conv2",
+        "layer3.0.downsample.0",
+    ]
 
 
 # ---- through the CLI ---------------------------------------------------------------------------
-@pytest.mark.parametrize("ablation, attribute, value", [
-    ("random_prior", "prior", "random"), ("dense_mask", "rho", 1.0), ("stage_level", "level", "stage"),
-    ("no_prior_init", "init_from_prior", False), ("remask", "remask_every_epoch", True), ("kmeans", "grouping", "kmeans"),
-])
+@pytest.mark.parametrize(
+    "ablation, attribute, value",
+    [
+        ("random_prior", "prior", "random"),
+        ("dense_mask", "rho", 1.0),
+        ("stage_level", "level", "stage"),
+        ("no_prior_init", "init_from_prior", False),
+        ("remask", "remask_every_epoch", True),
+        ("kmeans", "grouping", "kmeans"),
+    ],
+)
 def test_ablation_files_compose_after_the_method_file(in_tmp, ablation, attribute, value):
-    cli = build_cli([
-        "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "kr/kr.yaml"),
-        "--config", str(CONFIGS / f"kr/ablations/{ablation}.yaml"), "--model.init_args.teacher_weights=null", *FAST,
-    ], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIGS / "digits/pair.yaml"),
+            "--config",
+            str(CONFIGS / "kr/kr.yaml"),
+            "--config",
+            str(CONFIGS / f"kr/ablations/{ablation}.yaml"),
+            "--model.init_args.teacher_weights=null",
+            *FAST,
+        ],
+        run=False,
+    )
     assert isinstance(cli.model, KR) and cli.model.hparams[attribute] == value
     assert cli.model.hparams.beta == 1e-3 and cli.model.hparams.student == "resnet8"
 
@@ -180,11 +213,18 @@ def fake_cifar(tmp_path_factory):
 
 
 def test_cross_family_example_composes_with_its_pair(in_tmp, fake_cifar):
-    cli = build_cli([
-        "--config", str(CONFIGS / "cifar100/pairs/vgg13_MobileNetV2.yaml"),
-        "--config", str(CONFIGS / "kr/vgg13_MobileNetV2.yaml"), "--model.init_args.teacher_weights=null",
-        f"--data.init_args.data_dir={fake_cifar}", *FAST,
-    ], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIGS / "cifar100/pairs/vgg13_MobileNetV2.yaml"),
+            "--config",
+            str(CONFIGS / "kr/vgg13_MobileNetV2.yaml"),
+            "--model.init_args.teacher_weights=null",
+            f"--data.init_args.data_dir={fake_cifar}",
+            *FAST,
+        ],
+        run=False,
+    )
     penalised = [m for m in cli.model.matching if m.penalised]
     assert cli.model.hparams.lr == 0.01 and len(cli.model.terms) == 1
     assert any(m.student_shape[2:] == (1, 1) for m in penalised) and any(m.student_shape[1] == 1 for m in penalised)
@@ -193,17 +233,34 @@ def test_cross_family_example_composes_with_its_pair(in_tmp, fake_cifar):
 def test_kr_kd_runs_through_cli_on_fake_cifar(in_tmp, fake_cifar, caplog):
     teacher = save_random(in_tmp, "resnet56", seed=0)
     with caplog.at_level(logging.INFO):
-        main([
-            "fit", "--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"), "--config", str(CONFIGS / "kr/kr_kd.yaml"),
-            f"--model.init_args.teacher_weights={teacher}", f"--data.init_args.data_dir={fake_cifar}",
-            "--data.init_args.verify_md5=false", "--data.init_args.batch_size=16", "--data.init_args.num_workers=0",
-            "--trainer.max_epochs=1", *FAST,
-        ])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
+                "--config",
+                str(CONFIGS / "kr/kr_kd.yaml"),
+                f"--model.init_args.teacher_weights={teacher}",
+                f"--data.init_args.data_dir={fake_cifar}",
+                "--data.init_args.verify_md5=false",
+                "--data.init_args.batch_size=16",
+                "--data.init_args.num_workers=0",
+                "--trainer.max_epochs=1",
+                *FAST,
+            ]
+        )
     assert "KR layer matching (resnet56 -> resnet20)" in caplog.text and "layer3.8.conv2" in caplog.text
     run = in_tmp / "runs/cifar100/kr/resnet56-resnet20/version_0"
     logged = {k for r in read_metrics(run) for k in r}
-    assert {"train/loss_ce_step", "train/loss_kd_step", "train/loss_kr_step", "train/kr_mask_density",
-            "train/kr_distance", "train/kr_distance_masked", "val/top1"} <= logged
+    assert {
+        "train/loss_ce_step",
+        "train/loss_kd_step",
+        "train/loss_kr_step",
+        "train/kr_mask_density",
+        "train/kr_distance",
+        "train/kr_distance_masked",
+        "val/top1",
+    } <= logged
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert "priors.layer1__0__conv1" in state and "prior_masks.layer3__2__conv2" in state
     assert not any(k.startswith("teacher") for k in state)
@@ -212,11 +269,20 @@ def test_kr_kd_runs_through_cli_on_fake_cifar(in_tmp, fake_cifar, caplog):
 
 
 def fit_digits(teacher: Path, epochs: int, *extra: str):
-    main([
-        "fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/kr.yaml"),
-        f"--model.init_args.teacher_weights={teacher}", "--model.init_args.remask_every_epoch=true",
-        f"--trainer.max_epochs={epochs}", *FAST, *extra,
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits/pair.yaml"),
+            "--config",
+            str(CONFIGS / "digits/kr.yaml"),
+            f"--model.init_args.teacher_weights={teacher}",
+            "--model.init_args.remask_every_epoch=true",
+            f"--trainer.max_epochs={epochs}",
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 def test_resumed_kr_run_equals_uninterrupted(in_tmp):
@@ -238,8 +304,14 @@ def test_resumed_kr_run_equals_uninterrupted(in_tmp):
 def test_two_process_ddp_keeps_ranks_and_priors_identical(in_tmp):
     teacher = save_random(in_tmp, "resnet20", seed=0, num_classes=10, in_chans=1)
     args = [
-        "fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/kr.yaml"),
-        f"--model.init_args.teacher_weights={teacher}", "--trainer.max_epochs=1", *FAST,
+        "fit",
+        "--config",
+        str(CONFIGS / "digits/pair.yaml"),
+        "--config",
+        str(CONFIGS / "digits/kr.yaml"),
+        f"--model.init_args.teacher_weights={teacher}",
+        "--trainer.max_epochs=1",
+        *FAST,
         "--seed_everything=false",  # each rank draws its own student init: rank 0's priors must win
         "--trainer.limit_train_batches=3",
     ]

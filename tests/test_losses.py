@@ -3,6 +3,7 @@
 Golden values are pinned for a fixed seeded input and each is re-derived here independently
 (float64 numpy with explicit loops), so a pinned number is known to be the paper's formula.
 """
+
 from __future__ import annotations
 
 import math
@@ -14,8 +15,25 @@ import torch
 import torch.nn.functional as F
 
 from distill.losses import (
-    ATTerm, CRDTerm, ConvRegressor, DKDTerm, FitNetTerm, KDTerm, PKTTerm, RKDTerm, SPTerm,
-    at_loss, at_loss_stages, contrast_logits, crd_loss, dkd_loss, fitnet_loss, kd_loss, pkt_loss, rkd_loss, sp_loss,
+    ATTerm,
+    ConvRegressor,
+    CRDTerm,
+    DKDTerm,
+    FitNetTerm,
+    KDTerm,
+    PKTTerm,
+    RKDTerm,
+    SPTerm,
+    at_loss,
+    at_loss_stages,
+    contrast_logits,
+    crd_loss,
+    dkd_loss,
+    fitnet_loss,
+    kd_loss,
+    pkt_loss,
+    rkd_loss,
+    sp_loss,
 )
 from distill.losses.crd import all_gather_cat
 from distill.models.staged import StagedOutput
@@ -25,9 +43,14 @@ def inputs() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
     return dict(
-        z_s=r(4, 10), z_t=r(4, 10), target=torch.tensor([3, 0, 7, 9]),
-        f_s=r(4, 8, 4, 4), f_t=r(4, 8, 4, 4), f_big=r(4, 6, 8, 8),
-        e_s=r(4, 16), e_t=r(4, 12),
+        z_s=r(4, 10),
+        z_t=r(4, 10),
+        target=torch.tensor([3, 0, 7, 9]),
+        f_s=r(4, 8, 4, 4),
+        f_t=r(4, 8, 4, 4),
+        f_big=r(4, 6, 8, 8),
+        e_s=r(4, 16),
+        e_t=r(4, 12),
     )
 
 
@@ -39,7 +62,9 @@ def crd_inputs() -> dict:
         memory_s=F.normalize(torch.randn(20, 6, generator=g), dim=1),
         memory_t=F.normalize(torch.randn(20, 6, generator=g), dim=1),
         idx=torch.randint(0, 20, (4, 6), generator=g),
-        z_s=3.0, z_t=5.0, temperature=0.5,
+        z_s=3.0,
+        z_t=5.0,
+        temperature=0.5,
     )
 
 
@@ -141,7 +166,9 @@ def ref_pkt(e_s, e_t):
         return s / s.sum(axis=1, keepdims=True)
 
     p_s, p_t = conditional(e_s), conditional(e_t)
-    return float(np.mean([p_t[i, j] * math.log(p_t[i, j] / p_s[i, j]) for i in range(len(p_s)) for j in range(len(p_s))]))
+    return float(
+        np.mean([p_t[i, j] * math.log(p_t[i, j] / p_s[i, j]) for i in range(len(p_s)) for j in range(len(p_s))])
+    )
 
 
 def ref_crd(e_s, e_t, memory_s, memory_t, idx, z_s, z_t, temperature):
@@ -163,7 +190,10 @@ def golden_cases():
     return {
         "kd": (lambda: kd_loss(x["z_s"], x["z_t"]), lambda: ref_kd(x["z_s"], x["z_t"], 4.0)),
         "kd_tau1": (lambda: kd_loss(x["z_s"], x["z_t"], 1.0), lambda: ref_kd(x["z_s"], x["z_t"], 1.0)),
-        "dkd": (lambda: dkd_loss(x["z_s"], x["z_t"], x["target"]), lambda: ref_dkd(x["z_s"], x["z_t"], x["target"], 1.0, 8.0, 4.0)),
+        "dkd": (
+            lambda: dkd_loss(x["z_s"], x["z_t"], x["target"]),
+            lambda: ref_dkd(x["z_s"], x["z_t"], x["target"], 1.0, 8.0, 4.0),
+        ),
         "fitnet": (lambda: fitnet_loss(x["f_s"], x["f_t"]), lambda: ref_fitnet(x["f_s"], x["f_t"])),
         "at": (lambda: at_loss(x["f_s"], x["f_t"]), lambda: ref_at(x["f_s"], x["f_t"])),
         "at_pooled": (lambda: at_loss(x["f_s"], x["f_big"]), lambda: ref_at(x["f_s"], x["f_big"])),
@@ -251,7 +281,9 @@ def test_kd_temperature_squared_scaling():
     x = inputs()
     for tau in (2.0, 4.0):
         # softmax(τ·z / τ) = softmax(z): the only difference is the τ² factor
-        assert kd_loss(tau * x["z_s"], tau * x["z_t"], tau).item() == pytest.approx(tau**2 * kd_loss(x["z_s"], x["z_t"], 1.0).item(), rel=1e-5)
+        assert kd_loss(tau * x["z_s"], tau * x["z_t"], tau).item() == pytest.approx(
+            tau**2 * kd_loss(x["z_s"], x["z_t"], 1.0).item(), rel=1e-5
+        )
 
 
 def test_dkd_is_linear_in_alpha_beta_and_decomposes_kd():
@@ -321,7 +353,11 @@ def make_term(cls, **kwargs):
 ALL_TERMS = [KDTerm, FitNetTerm, ATTerm, SPTerm, RKDTerm, PKTTerm, CRDTerm, DKDTerm]
 
 
-@pytest.mark.parametrize("cls,kwargs", [(c, {}) for c in ALL_TERMS] + [(CRDTerm, {"num_negatives": 16})], ids=lambda x: getattr(x, "name", str(x)))
+@pytest.mark.parametrize(
+    "cls,kwargs",
+    [(c, {}) for c in ALL_TERMS] + [(CRDTerm, {"num_negatives": 16})],
+    ids=lambda x: getattr(x, "name", str(x)),
+)
 def test_term_returns_finite_scalar_with_student_and_connector_gradients(cls, kwargs):
     term = make_term(cls, **kwargs)
     s, t = student_teacher()
@@ -336,7 +372,16 @@ def test_term_returns_finite_scalar_with_student_and_connector_gradients(cls, kw
 
 
 def test_term_names_and_default_weights():
-    expected = {"kd": 0.9, "fitnet": 100.0, "at": 1000.0, "sp": 3000.0, "rkd": 1.0, "pkt": 30000.0, "crd": 0.8, "dkd": 1.0}
+    expected = {
+        "kd": 0.9,
+        "fitnet": 100.0,
+        "at": 1000.0,
+        "sp": 3000.0,
+        "rkd": 1.0,
+        "pkt": 30000.0,
+        "crd": 0.8,
+        "dkd": 1.0,
+    }
     assert {cls.name: cls().weight for cls in ALL_TERMS} == expected
 
 
@@ -433,7 +478,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
     import torch.distributed as dist
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
     try:
         term = make_term(CRDTerm)
         batch = 2 + rank  # unequal batches exercise the padded gather

@@ -1,4 +1,5 @@
 """The architecture zoo: exact parameter counts, stage shapes, classic parameter names, the staged forward."""
+
 import pytest
 import torch
 import torchvision
@@ -7,28 +8,53 @@ from distill.models import StagedOutput, create_model, list_models
 
 # METHODS.md section 1, at 100 classes.
 CIFAR_PARAMS = {
-    "resnet8": 83_892, "resnet14": 181_108, "resnet20": 278_324, "resnet32": 472_756, "resnet44": 667_188,
-    "resnet56": 861_620, "resnet110": 1_736_564, "resnet8x4": 1_233_540, "resnet32x4": 7_433_860,
-    "ResNet50": 23_705_252, "wrn_16_1": 180_916, "wrn_16_2": 703_284, "wrn_40_1": 569_780,
-    "wrn_40_2": 2_255_156, "vgg8": 3_965_028, "vgg11": 9_277_284, "vgg13": 9_462_180, "vgg16": 14_774_436,
-    "vgg19": 20_086_692, "MobileNetV2": 812_836, "ShuffleV1": 949_258, "ShuffleV2": 1_355_528,
+    "resnet8": 83_892,
+    "resnet14": 181_108,
+    "resnet20": 278_324,
+    "resnet32": 472_756,
+    "resnet44": 667_188,
+    "resnet56": 861_620,
+    "resnet110": 1_736_564,
+    "resnet8x4": 1_233_540,
+    "resnet32x4": 7_433_860,
+    "ResNet50": 23_705_252,
+    "wrn_16_1": 180_916,
+    "wrn_16_2": 703_284,
+    "wrn_40_1": 569_780,
+    "wrn_40_2": 2_255_156,
+    "vgg8": 3_965_028,
+    "vgg11": 9_277_284,
+    "vgg13": 9_462_180,
+    "vgg16": 14_774_436,
+    "vgg19": 20_086_692,
+    "MobileNetV2": 812_836,
+    "ShuffleV1": 949_258,
+    "ShuffleV2": 1_355_528,
 }
 # torchvision's counts at 1000 classes.
 IMAGENET_PARAMS = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "mobilenet_v2": 3_504_872}
 
 # (channels, side) of every stage output: CIFAR models at 32x32, ImageNet models at 64x64.
-THIN, WIDE, VGG = [(16, 32), (32, 16), (64, 8)], [(32, 32), (64, 16), (128, 8)], [
-    (64, 32), (128, 16), (256, 8), (512, 4), (512, 4)]
+THIN, WIDE, VGG = (
+    [(16, 32), (32, 16), (64, 8)],
+    [(32, 32), (64, 16), (128, 8)],
+    [(64, 32), (128, 16), (256, 8), (512, 4), (512, 4)],
+)
 STAGES = {
     **{name: THIN for name in ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110")},
-    "resnet8x4": [(64, 32), (128, 16), (256, 8)], "resnet32x4": [(64, 32), (128, 16), (256, 8)],
+    "resnet8x4": [(64, 32), (128, 16), (256, 8)],
+    "resnet32x4": [(64, 32), (128, 16), (256, 8)],
     "ResNet50": [(256, 32), (512, 16), (1024, 8), (2048, 4)],
-    "wrn_16_1": THIN, "wrn_40_1": THIN, "wrn_16_2": WIDE, "wrn_40_2": WIDE,
+    "wrn_16_1": THIN,
+    "wrn_40_1": THIN,
+    "wrn_16_2": WIDE,
+    "wrn_40_2": WIDE,
     **{name: VGG for name in ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19")},
     "MobileNetV2": [(12, 16), (16, 8), (48, 4), (160, 2)],
     "ShuffleV1": [(240, 16), (480, 8), (960, 4)],
     "ShuffleV2": [(116, 16), (232, 8), (464, 4)],
-    "resnet18": [(64, 16), (128, 8), (256, 4), (512, 2)], "resnet34": [(64, 16), (128, 8), (256, 4), (512, 2)],
+    "resnet18": [(64, 16), (128, 8), (256, 4), (512, 2)],
+    "resnet34": [(64, 16), (128, 8), (256, 4), (512, 2)],
     "resnet50": [(256, 16), (512, 8), (1024, 4), (2048, 2)],
     "mobilenet_v2": [(24, 16), (32, 8), (96, 4), (320, 2)],
 }
@@ -105,8 +131,10 @@ def test_vgg_pools_before_block4_on_64x64_only():
     assert [s.shape[-1] for s in stages] == [64, 32, 16, 8, 4]
 
 
-@pytest.mark.parametrize("name", ["resnet20", "ResNet50", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2",
-                                  "resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize(
+    "name",
+    ["resnet20", "ResNet50", "wrn_16_1", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2", "resnet18", "mobilenet_v2"],
+)
 def test_in_chans(name):
     size = 64 if name in IMAGENET_PARAMS else 16
     model = create_model(name, num_classes=10, in_chans=1).eval()
@@ -117,8 +145,13 @@ def test_in_chans(name):
 
 
 def bn_keys(prefix, channels):
-    shapes = {"weight": (channels,), "bias": (channels,), "running_mean": (channels,), "running_var": (channels,),
-              "num_batches_tracked": ()}
+    shapes = {
+        "weight": (channels,),
+        "bias": (channels,),
+        "running_mean": (channels,),
+        "running_var": (channels,),
+        "num_batches_tracked": (),
+    }
     return {f"{prefix}.{name}": shape for name, shape in shapes.items()}
 
 
@@ -141,8 +174,9 @@ def classic_cifar_resnet_keys(depth, widths, num_classes=100):
     return keys
 
 
-@pytest.mark.parametrize("name,depth,widths", [("resnet56", 56, (16, 16, 32, 64)),
-                                               ("resnet8x4", 8, (32, 64, 128, 256))])
+@pytest.mark.parametrize(
+    "name,depth,widths", [("resnet56", 56, (16, 16, 32, 64)), ("resnet8x4", 8, (32, 64, 128, 256))]
+)
 def test_classic_cifar_resnet_state_dict_loads_strict(name, depth, widths):
     keys = classic_cifar_resnet_keys(depth, widths)
     state = {k: torch.tensor(3) if not shape else torch.rand(shape) + 0.5 for k, shape in keys.items()}
@@ -153,16 +187,37 @@ def test_classic_cifar_resnet_state_dict_loads_strict(name, depth, widths):
     assert torch.equal(model.head.classifier.weight, state["fc.weight"])
 
 
-@pytest.mark.parametrize("name,keys", [
-    ("wrn_40_2", ["conv1.weight", "block1.layer.0.bn1.weight", "block1.layer.0.convShortcut.weight",
-                  "block2.layer.5.conv2.weight", "bn1.running_var", "fc.weight"]),
-    ("vgg13", ["block0.0.weight", "block0.0.bias", "block0.4.running_mean", "block4.3.weight", "classifier.bias"]),
-    ("MobileNetV2", ["conv1.0.weight", "conv1.1.weight", "blocks.0.0.conv.0.weight", "blocks.6.0.conv.7.bias",
-                     "conv2.0.weight", "classifier.0.weight"]),
-    ("ResNet50", ["conv1.weight", "layer1.0.shortcut.0.weight", "layer4.2.bn3.weight", "linear.weight"]),
-    ("ShuffleV1", ["layer1.0.conv1.weight", "layer3.3.bn3.running_mean", "linear.weight"]),
-    ("ShuffleV2", ["layer1.0.conv5.weight", "layer3.3.bn3.weight", "conv2.weight", "bn2.bias", "linear.weight"]),
-])
+@pytest.mark.parametrize(
+    "name,keys",
+    [
+        (
+            "wrn_40_2",
+            [
+                "conv1.weight",
+                "block1.layer.0.bn1.weight",
+                "block1.layer.0.convShortcut.weight",
+                "block2.layer.5.conv2.weight",
+                "bn1.running_var",
+                "fc.weight",
+            ],
+        ),
+        ("vgg13", ["block0.0.weight", "block0.0.bias", "block0.4.running_mean", "block4.3.weight", "classifier.bias"]),
+        (
+            "MobileNetV2",
+            [
+                "conv1.0.weight",
+                "conv1.1.weight",
+                "blocks.0.0.conv.0.weight",
+                "blocks.6.0.conv.7.bias",
+                "conv2.0.weight",
+                "classifier.0.weight",
+            ],
+        ),
+        ("ResNet50", ["conv1.weight", "layer1.0.shortcut.0.weight", "layer4.2.bn3.weight", "linear.weight"]),
+        ("ShuffleV1", ["layer1.0.conv1.weight", "layer3.3.bn3.running_mean", "linear.weight"]),
+        ("ShuffleV2", ["layer1.0.conv5.weight", "layer3.3.bn3.weight", "conv2.weight", "bn2.bias", "linear.weight"]),
+    ],
+)
 def test_classic_names(name, keys):
     assert set(keys) <= set(create_model(name).state_dict())
 

@@ -1,7 +1,8 @@
 """Speed switches every method honours: bf16-mixed, channels_last and in-place torch.compile."""
-import torch
 
+import torch
 from conftest import CONFIGS, FAST
+
 from distill.cli import main
 from distill.losses.terms import KDTerm
 from distill.methods import OfflineKD
@@ -13,13 +14,26 @@ def test_bf16_channels_last_kd_fit_keeps_checkpoint_keys(in_tmp):
     torch.manual_seed(0)
     teacher = in_tmp / "teacher.pt"
 
-
     torch.save(create_model("resnet20", num_classes=10, in_chans=1).state_dict(), teacher)
-    common = ["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "methods/kd.yaml"),
-              f"--model.init_args.teacher_weights={teacher}", "--trainer.max_epochs=1", *FAST]
+    common = [
+        "fit",
+        "--config",
+        str(CONFIGS / "digits/pair.yaml"),
+        "--config",
+        str(CONFIGS / "methods/kd.yaml"),
+        f"--model.init_args.teacher_weights={teacher}",
+        "--trainer.max_epochs=1",
+        *FAST,
+    ]
     main(common + ["--trainer.logger.init_args.name=plain"])
-    main(common + ["--trainer.logger.init_args.name=fast", "--trainer.precision=bf16-mixed",
-                   "--model.init_args.channels_last=true"])
+    main(
+        common
+        + [
+            "--trainer.logger.init_args.name=fast",
+            "--trainer.precision=bf16-mixed",
+            "--model.init_args.channels_last=true",
+        ]
+    )
     plain = torch.load(in_tmp / "runs/plain/version_0/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     fast = torch.load(in_tmp / "runs/fast/version_0/checkpoints/last.ckpt", weights_only=True)["state_dict"]
     assert plain.keys() == fast.keys()
@@ -29,8 +43,16 @@ def test_bf16_channels_last_kd_fit_keeps_checkpoint_keys(in_tmp):
 
 
 def test_compile_is_in_place_and_keeps_keys():
-    module = OfflineKD(student="resnet8", teacher="resnet20", terms=[KDTerm()], num_classes=10, in_chans=1,
-                       image_size=16, compile=True, channels_last=True)
+    module = OfflineKD(
+        student="resnet8",
+        teacher="resnet20",
+        terms=[KDTerm()],
+        num_classes=10,
+        in_chans=1,
+        image_size=16,
+        compile=True,
+        channels_last=True,
+    )
     keys = set(module.state_dict())
     module.configure_model()
     assert set(module.state_dict()) == keys

@@ -1,4 +1,5 @@
 """Preemption: a signal mid-epoch checkpoints atomically and stops; resuming from it is exact."""
+
 import os
 import signal
 import subprocess
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-
 from conftest import CONFIGS, FAST
+
 from distill.callbacks.preemption import PreemptionCheckpoint, save_atomically, slurm_job_id
 from distill.cli import main
 from distill.data.distributed import EpochShardSampler, ResumableLoader
@@ -34,10 +35,18 @@ def kd_args(teacher: Path, name: str, *extra: str) -> list[str]:
     """Two whole epochs of the digits KD pair, with an LR that changes every step (cosine)."""
     fast = [a for a in FAST if not a.startswith("--trainer.limit_train_batches")]
     return [
-        "fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "methods/kd.yaml"),
-        f"--model.init_args.teacher_weights={teacher}", "--trainer.max_epochs=2", *fast,
-        "--model.init_args.lr_schedule=distill.schedules.CyclicCosine", "--model.init_args.lr_schedule.cycle_epochs=[2]",
-        f"--trainer.logger.init_args.name={name}", *extra,
+        "fit",
+        "--config",
+        str(CONFIGS / "digits/pair.yaml"),
+        "--config",
+        str(CONFIGS / "methods/kd.yaml"),
+        f"--model.init_args.teacher_weights={teacher}",
+        "--trainer.max_epochs=2",
+        *fast,
+        "--model.init_args.lr_schedule=distill.schedules.CyclicCosine",
+        "--model.init_args.lr_schedule.cycle_epochs=[2]",
+        f"--trainer.logger.init_args.name={name}",
+        *extra,
     ]
 
 
@@ -68,12 +77,26 @@ def test_signal_mid_epoch_then_resume_equals_uninterrupted(in_tmp, straight, sig
     scontrol.parent.mkdir()
     scontrol.write_text(f'#!/bin/sh\necho "$@" > {in_tmp / "requeued"}\n')
     scontrol.chmod(0o755)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "4242", "PATH": f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}"}
-    stop = ["--trainer.callbacks+=test_preemption.SignalAtStep", f"--trainer.callbacks.step={STOP_AT}",
-            f"--trainer.callbacks.signal_name={signal_name}"]
-    result = subprocess.run([sys.executable, "-m", "distill.cli", *kd_args(teacher, "split", *stop)],
-                            cwd=in_tmp, env=env, capture_output=True, text=True, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "SLURM_JOB_ID": "4242",
+        "PATH": f"{scontrol.parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    stop = [
+        "--trainer.callbacks+=test_preemption.SignalAtStep",
+        f"--trainer.callbacks.step={STOP_AT}",
+        f"--trainer.callbacks.signal_name={signal_name}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "distill.cli", *kd_args(teacher, "split", *stop)],
+        cwd=in_tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     ckpt = torch.load(last_ckpt(in_tmp, "split"), weights_only=True)
     assert ckpt["global_step"] == STOP_AT + 1 and ckpt["epoch"] == 1  # stopped after the signalled step

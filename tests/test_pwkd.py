@@ -1,4 +1,5 @@
 """PWKD: slimmable conversion, joint teacher training, stages with cyclic LR, resume, DDP."""
+
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -7,10 +8,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
+from conftest import CONFIGS, FAST
+from fakedata import write_fake_cifar100
+from rank_dump import assert_same_tensors, run_two_ranks
 from torch import nn
 
-from rank_dump import assert_same_tensors, run_two_ranks
-from conftest import CONFIGS, FAST
 from distill.callbacks.pwkd import PWKDStages
 from distill.cli import build_cli, main
 from distill.losses.terms import CRDTerm, FitNetTerm, KDTerm
@@ -19,17 +21,24 @@ from distill.methods.pwkd import PWKD, PerStageConnector, SlicedConnector, Slimm
 from distill.models import create_model
 from distill.models.cifar.mobilenetv2 import MobileNetV2, conv_bn_relu
 from distill.models.cifar.resnet import THIN, CifarResNet
-from distill.models.cifar.shufflenetv1 import Bottleneck as ShuffleV1Block, ShuffleNetV1
+from distill.models.cifar.shufflenetv1 import Bottleneck as ShuffleV1Block
+from distill.models.cifar.shufflenetv1 import ShuffleNetV1
 from distill.models.cifar.shufflenetv2 import DownBlock, ShuffleNetV2
-from distill.models.cifar.vgg import CONFIGS as VGG_CONFIGS, VGG
+from distill.models.cifar.vgg import CONFIGS as VGG_CONFIGS
+from distill.models.cifar.vgg import VGG
 from distill.models.cifar.wrn import NetworkBlock, WideResNet
-from distill.models.weights import file_sha256
 from distill.models.slimmable import (
-    channels_at, checkpoint_widths, get_width, load_slimmable, make_slimmable, set_width, width_name,
+    channels_at,
+    checkpoint_widths,
+    get_width,
+    load_slimmable,
+    make_slimmable,
+    set_width,
+    width_name,
 )
+from distill.models.weights import file_sha256
 from distill.schedules import MultiStep
 from distill.tools.runs import read_metrics
-from fakedata import write_fake_cifar100
 
 W = 0.5  # the width the narrow-equivalence tests compare at
 
@@ -50,7 +59,9 @@ def narrow_vgg8():
 def narrow_wrn_16_1():
     net = WideResNet(16, 1, num_classes=10)
     net.conv1 = nn.Conv2d(3, c(16), 3, 1, 1, bias=False)
-    net.block1, net.block2, net.block3 = (NetworkBlock(2, c(a), c(b), s) for a, b, s in ((16, 16, 1), (16, 32, 2), (32, 64, 2)))
+    net.block1, net.block2, net.block3 = (
+        NetworkBlock(2, c(a), c(b), s) for a, b, s in ((16, 16, 1), (16, 32, 2), (32, 64, 2))
+    )
     net.bn1, net.fc = nn.BatchNorm2d(c(64)), nn.Linear(c(64), 10)
     return net
 
@@ -73,13 +84,20 @@ def narrow_shufflev1():
     net = ShuffleNetV1(out_planes=(c(240), c(480), c(960)), num_classes=10)
     net.conv1, net.bn1 = nn.Conv2d(3, c(24), 1, bias=False), nn.BatchNorm2d(c(24))
     first = net.layer1[0] = ShuffleV1Block(c(24), c(240) - c(24), 2, 3)
-    first.groups1, first.conv1 = 1, nn.Conv2d(c(24), first.conv1.out_channels, 1, bias=False)  # ungrouped after the stem
+    first.groups1, first.conv1 = (
+        1,
+        nn.Conv2d(c(24), first.conv1.out_channels, 1, bias=False),
+    )  # ungrouped after the stem
     return net
 
 
 NARROW = {
-    "resnet8": narrow_resnet8, "vgg8": narrow_vgg8, "wrn_16_1": narrow_wrn_16_1,
-    "MobileNetV2": narrow_mobilenetv2, "ShuffleV2": narrow_shufflev2, "ShuffleV1": narrow_shufflev1,
+    "resnet8": narrow_resnet8,
+    "vgg8": narrow_vgg8,
+    "wrn_16_1": narrow_wrn_16_1,
+    "MobileNetV2": narrow_mobilenetv2,
+    "ShuffleV2": narrow_shufflev2,
+    "ShuffleV1": narrow_shufflev1,
 }
 
 
@@ -231,8 +249,9 @@ def test_slimmable_teacher_starts_from_an_ordinary_one_and_refuses_sync_batchnor
     ordinary = create_model("resnet8", num_classes=10, in_chans=1)
     randomise_batchnorms(ordinary)
     torch.save({"state_dict": {f"model.{k}": v for k, v in ordinary.state_dict().items()}}, tmp_path / "plain.ckpt")
-    module = SlimmableSupervised(model="resnet8", init_weights=str(tmp_path / "plain.ckpt"),
-                                 num_classes=10, in_chans=1, image_size=16)
+    module = SlimmableSupervised(
+        model="resnet8", init_weights=str(tmp_path / "plain.ckpt"), num_classes=10, in_chans=1, image_size=16
+    )
     x = torch.randn(2, 1, 16, 16)
     module.eval(), ordinary.eval()
     assert torch.equal(module(x), ordinary(x))
@@ -256,15 +275,24 @@ def write_config(path: Path, config: dict) -> str:
 
 
 def stages_config(tmp_path, widths, epochs, *callbacks, **stage_args) -> str:
-    stages = {"class_path": "distill.callbacks.pwkd.PWKDStages", "init_args": {"widths": widths, "epochs": epochs, **stage_args}}
+    stages = {
+        "class_path": "distill.callbacks.pwkd.PWKDStages",
+        "init_args": {"widths": widths, "epochs": epochs, **stage_args},
+    }
     return write_config(tmp_path / "stages.yaml", {"trainer": {"callbacks": [stages, *callbacks]}})
 
 
 def pwkd_digits_args(teacher, *configs, epochs=4):
     return [
-        "fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/pwkd.yaml"),
+        "fit",
+        "--config",
+        str(CONFIGS / "digits/pair.yaml"),
+        "--config",
+        str(CONFIGS / "digits/pwkd.yaml"),
         *(a for cfg in configs for a in ("--config", cfg)),
-        f"--model.init_args.teacher_weights={teacher}", f"--trainer.max_epochs={epochs}", *FAST,
+        f"--model.init_args.teacher_weights={teacher}",
+        f"--trainer.max_epochs={epochs}",
+        *FAST,
     ]
 
 
@@ -276,8 +304,15 @@ def test_slimmable_teacher_trains_through_cli_and_logs_every_width(in_tmp):
     ckpt = run / "checkpoints/last.ckpt"
     assert checkpoint_widths(torch.load(ckpt, weights_only=True)["state_dict"]) == (0.25, 0.5, 0.75, 1.0)
     # a PWKD teacher loads from it at those widths
-    module = PWKD(student="resnet8", teacher="resnet20", teacher_weights=str(ckpt), terms=[KDTerm()],
-                  num_classes=10, in_chans=1, image_size=16)
+    module = PWKD(
+        student="resnet8",
+        teacher="resnet20",
+        teacher_weights=str(ckpt),
+        terms=[KDTerm()],
+        num_classes=10,
+        in_chans=1,
+        image_size=16,
+    )
     assert module.teacher_widths == (0.25, 0.5, 0.75, 1.0)
     assert not any(k.startswith("teacher") for k in module.state_dict())
 
@@ -321,8 +356,15 @@ def test_stages_set_teacher_width_and_restart_the_lr(in_tmp, slim_digits_teacher
 
 
 def test_monotone_schedule_is_one_cosine_and_base_keeps_the_configured_one(slim_digits_teacher):
-    module = PWKD(student="resnet8", teacher="resnet20", teacher_weights=str(slim_digits_teacher),
-                  terms=[KDTerm()], num_classes=10, in_chans=1, image_size=16)
+    module = PWKD(
+        student="resnet8",
+        teacher="resnet20",
+        teacher_weights=str(slim_digits_teacher),
+        terms=[KDTerm()],
+        num_classes=10,
+        in_chans=1,
+        image_size=16,
+    )
     trainer = SimpleNamespace(max_epochs=8)
     PWKDStages(widths=[0.5, 1.0], schedule="monotone").setup(trainer, module, "fit")
     assert module.lr_schedule(4.0) == pytest.approx(0.5)  # no restart at the boundary
@@ -334,8 +376,10 @@ def test_monotone_schedule_is_one_cosine_and_base_keeps_the_configured_one(slim_
 
 
 def fitnet_crd_config(tmp_path) -> str:
-    terms = [{"class_path": "distill.losses.terms.FitNetTerm"},
-             {"class_path": "distill.losses.terms.CRDTerm", "init_args": {"num_negatives": 32}}]
+    terms = [
+        {"class_path": "distill.losses.terms.FitNetTerm"},
+        {"class_path": "distill.losses.terms.CRDTerm", "init_args": {"num_negatives": 32}},
+    ]
     return write_config(tmp_path / "terms.yaml", {"model": {"init_args": {"ce_weight": 1.0, "terms": terms}}})
 
 
@@ -371,8 +415,16 @@ def test_resume_in_stage_two_equals_uninterrupted(in_tmp, slim_digits_teacher):
 
 
 def test_fresh_connectors_one_per_stage(slim_digits_teacher):
-    module = PWKD(student="resnet8", teacher="resnet20", teacher_weights=str(slim_digits_teacher),
-                  terms=[FitNetTerm()], num_classes=10, in_chans=1, image_size=16, connectors="fresh")
+    module = PWKD(
+        student="resnet8",
+        teacher="resnet20",
+        teacher_weights=str(slim_digits_teacher),
+        terms=[FitNetTerm()],
+        num_classes=10,
+        in_chans=1,
+        image_size=16,
+        connectors="fresh",
+    )
     module.prepare_stages([0.25, 1.0, 1.0])
     regressor = module.terms[0].regressor
     assert isinstance(regressor, PerStageConnector)
@@ -386,14 +438,22 @@ def test_fresh_connectors_one_per_stage(slim_digits_teacher):
 
 
 def test_connectors_follow_the_teacher_width(slim_digits_teacher):
-    module = PWKD(student="resnet8", teacher="resnet20", teacher_weights=str(slim_digits_teacher),
-                  terms=[FitNetTerm(), CRDTerm(num_negatives=8)], num_classes=10, in_chans=1, image_size=16)
+    module = PWKD(
+        student="resnet8",
+        teacher="resnet20",
+        teacher_weights=str(slim_digits_teacher),
+        terms=[FitNetTerm(), CRDTerm(num_negatives=8)],
+        num_classes=10,
+        in_chans=1,
+        image_size=16,
+    )
     module.prepare_stages([0.25, 1.0])
     module.terms[1].setup_data(torch.arange(40) % 10)
     regressor, embed_t = module.terms[0].regressor, module.terms[1].embed_t
     assert isinstance(regressor, SlicedConnector) and isinstance(embed_t, SlicedConnector)
     assert not isinstance(module.terms[1].embed_s, SlicedConnector)  # sized by the student only
     module.train()
+    memory_t = memory_s = None
     for stage, width in enumerate((0.25, 1.0)):
         module.enter_stage(stage, width)
         if stage:  # entering stage 1 resets the teacher memory
@@ -420,20 +480,36 @@ def slim_cifar_teacher(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs_root")
     path = root / "runs/cifar100/slimmablesupervised/resnet56/version_0/checkpoints/last.ckpt"
     path.parent.mkdir(parents=True)
-    torch.save({"state_dict": {f"model.{k}": v for k, v in make_slimmable(create_model("resnet56")).state_dict().items()}}, path)
+    torch.save(
+        {"state_dict": {f"model.{k}": v for k, v in make_slimmable(create_model("resnet56")).state_dict().items()}},
+        path,
+    )
     return root
 
 
 @pytest.mark.parametrize("method", ["kd", "fitnet"])
-def test_pwkd_over_a_base_method_runs_through_cli_on_fake_cifar(tmp_path, monkeypatch, fake_cifar, slim_cifar_teacher, method):
+def test_pwkd_over_a_base_method_runs_through_cli_on_fake_cifar(
+    tmp_path, monkeypatch, fake_cifar, slim_cifar_teacher, method
+):
     monkeypatch.chdir(slim_cifar_teacher)  # the {teacher} template resolves relative to the run directory
-    main([
-        "fit", "--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
-        "--config", str(CONFIGS / f"methods/{method}.yaml"), "--config", str(CONFIGS / "pwkd/cifar100/pwkd.yaml"),
-        f"--data.init_args.data_dir={fake_cifar}", "--data.init_args.verify_md5=false",
-        "--data.init_args.batch_size=16", "--data.init_args.num_workers=0", "--trainer.max_epochs=4",
-        f"--trainer.logger.init_args.save_dir={tmp_path}", *FAST,
-    ])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
+            "--config",
+            str(CONFIGS / f"methods/{method}.yaml"),
+            "--config",
+            str(CONFIGS / "pwkd/cifar100/pwkd.yaml"),
+            f"--data.init_args.data_dir={fake_cifar}",
+            "--data.init_args.verify_md5=false",
+            "--data.init_args.batch_size=16",
+            "--data.init_args.num_workers=0",
+            "--trainer.max_epochs=4",
+            f"--trainer.logger.init_args.save_dir={tmp_path}",
+            *FAST,
+        ]
+    )
     run = tmp_path / "cifar100/pwkd/resnet56-resnet20/version_0"
     rows = read_metrics(run)
     assert [r["pwkd/teacher_width"] for r in rows if "pwkd/teacher_width" in r] == [0.25, 0.5, 0.75, 1.0]
@@ -445,13 +521,16 @@ def test_pwkd_over_a_base_method_runs_through_cli_on_fake_cifar(tmp_path, monkey
 
 
 # ---- start-up errors ----------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, message", [
-    ({"widths": [0.5, 0.25, 1.0]}, "not decrease"),
-    ({"widths": [0.25, 0.5]}, "end at 1.0"),
-    ({"widths": [0.25, 1.0], "reverse_order": True}, "start at 1.0"),
-    ({"widths": [0.5, 1.0], "epochs": [3]}, "one positive integer per width"),
-    ({"schedule": "step"}, "'cyclic', 'monotone' or 'base'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"widths": [0.5, 0.25, 1.0]}, "not decrease"),
+        ({"widths": [0.25, 0.5]}, "end at 1.0"),
+        ({"widths": [0.25, 1.0], "reverse_order": True}, "start at 1.0"),
+        ({"widths": [0.5, 1.0], "epochs": [3]}, "one positive integer per width"),
+        ({"schedule": "step"}, "'cyclic', 'monotone' or 'base'"),
+    ],
+)
 def test_bad_stage_lists_fail_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PWKDStages(**kwargs)
@@ -464,8 +543,15 @@ def test_bad_configs_fail_at_setup(tmp_path, slim_digits_teacher):
     trainer = SimpleNamespace(max_epochs=4)
 
     def pwkd(weights):
-        return PWKD(student="resnet8", teacher="resnet20", teacher_weights=str(weights), terms=[KDTerm()],
-                    num_classes=10, in_chans=1, image_size=16)
+        return PWKD(
+            student="resnet8",
+            teacher="resnet20",
+            teacher_weights=str(weights),
+            terms=[KDTerm()],
+            num_classes=10,
+            in_chans=1,
+            image_size=16,
+        )
 
     with pytest.raises(ValueError, match=r"widths \[0.25\] are not widths the teacher was trained at"):
         PWKDStages(widths=[0.25, 0.5, 1.0], epochs=[1, 1, 2]).setup(trainer, pwkd(tmp_path / "half.pt"), "fit")
@@ -496,7 +582,9 @@ def test_bad_stage_epochs_stop_the_cli_before_training(in_tmp, slim_digits_teach
 
 # ---- DDP ----------------------------------------------------------------------------------------
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, slim_digits_teacher):
-    args = pwkd_digits_args(slim_digits_teacher, fitnet_crd_config(tmp_path), epochs=4) + ["--trainer.limit_train_batches=3"]
+    args = pwkd_digits_args(slim_digits_teacher, fitnet_crd_config(tmp_path), epochs=4) + [
+        "--trainer.limit_train_batches=3"
+    ]
     rank0, rank1 = run_two_ranks(args, tmp_path)
     assert "terms.0.regressor.whole.conv.weight" in rank0
     assert_same_tensors(rank0, rank1)
@@ -506,8 +594,9 @@ def test_two_process_ddp_keeps_ranks_identical(tmp_path, slim_digits_teacher):
 def test_narrow_teacher_trains_its_width_alone():
     """train_widths=[0.5]: gradients reach only the 0.5 sub-network (leading slices, its own BatchNorms)."""
     torch.manual_seed(0)
-    module = SlimmableSupervised(model="resnet20", widths=[0.5, 1.0], train_widths=[0.5], num_classes=10,
-                                 in_chans=1, image_size=16)
+    module = SlimmableSupervised(
+        model="resnet20", widths=[0.5, 1.0], train_widths=[0.5], num_classes=10, in_chans=1, image_size=16
+    )
     used = {}  # (output, input) channels each conv/linear really ran with
 
     def record(layer, inputs, output):
@@ -567,12 +656,32 @@ class StageTeacherRecorder(pl.Callback):
 
 def narrow_args(tmp_path, teachers) -> list[str]:
     """PWKD (FitNet) on the digits, stages 0.5 then 1.0, each from its own teacher file."""
-    config = write_config(tmp_path / "narrow.yaml", {"model": {"init_args": {
-        "teacher_weights": None, "stage_teacher_weights": teachers, "terms": [{"class_path": "distill.losses.terms.FitNetTerm"}],
-    }}})
+    config = write_config(
+        tmp_path / "narrow.yaml",
+        {
+            "model": {
+                "init_args": {
+                    "teacher_weights": None,
+                    "stage_teacher_weights": teachers,
+                    "terms": [{"class_path": "distill.losses.terms.FitNetTerm"}],
+                }
+            }
+        },
+    )
     stages = stages_config(tmp_path, [0.5, 1.0], [2, 2], {"class_path": "test_pwkd.StageTeacherRecorder"})
-    return ["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/pwkd.yaml"),
-            "--config", config, "--config", stages, "--trainer.max_epochs=4", *FAST]
+    return [
+        "fit",
+        "--config",
+        str(CONFIGS / "digits/pair.yaml"),
+        "--config",
+        str(CONFIGS / "digits/pwkd.yaml"),
+        "--config",
+        config,
+        "--config",
+        stages,
+        "--trainer.max_epochs=4",
+        *FAST,
+    ]
 
 
 def test_stage_teachers_take_turns_and_resume_exactly(in_tmp, narrow_digits_teachers):
@@ -596,25 +705,41 @@ def test_stage_teacher_mistakes_are_named(tmp_path, narrow_digits_teachers):
     trainer = SimpleNamespace(max_epochs=4)
 
     def pwkd(**kwargs):
-        return PWKD(student="resnet8", teacher="resnet20", terms=[KDTerm()], num_classes=10, in_chans=1,
-                    image_size=16, **kwargs)
+        return PWKD(
+            student="resnet8", teacher="resnet20", terms=[KDTerm()], num_classes=10, in_chans=1, image_size=16, **kwargs
+        )
 
     with pytest.raises(ValueError, match="teacher_weights or stage_teacher_weights, not both"):
         pwkd(teacher_weights=plain, stage_teacher_weights=[half, plain])
     with pytest.raises(ValueError, match=r"2 stage_teacher_weights for 3 stages \[0.25, 0.5, 1.0\]"):
         PWKDStages(widths=[0.25, 0.5, 1.0]).setup(trainer, pwkd(stage_teacher_weights=[half, plain]), "fit")
-    with pytest.raises(ValueError, match=rf"stage 1 runs its teacher at width 1.0, but {half} was trained at widths \[0.5\]"):
+    with pytest.raises(
+        ValueError, match=rf"stage 1 runs its teacher at width 1.0, but {half} was trained at widths \[0.5\]"
+    ):
         PWKDStages(widths=[0.5, 1.0]).setup(trainer, pwkd(stage_teacher_weights=[half, half]), "fit")
     with pytest.raises(ValueError, match=r"widths \[1.0\] are not widths the teacher was trained at \(\[0.5\]"):
-        PWKDStages(widths=[0.5, 1.0]).setup(trainer, pwkd(teacher_weights=half), "fit")  # a narrow one is no slimmable teacher
+        PWKDStages(widths=[0.5, 1.0]).setup(
+            trainer, pwkd(teacher_weights=half), "fit"
+        )  # a narrow one is no slimmable teacher
 
 
 @pytest.mark.parametrize("ablation", sorted(p.stem for p in (CONFIGS / "pwkd/cifar100/ablations").glob("*.yaml")))
 def test_ablation_configs_compose_with_a_pair_and_a_method(ablation, capsys):
     with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(CONFIGS / "cifar100/pairs/resnet32x4_resnet8x4.yaml"),
-              "--config", str(CONFIGS / "methods/kd.yaml"), "--config", str(CONFIGS / "pwkd/cifar100/pwkd.yaml"),
-              "--config", str(CONFIGS / f"pwkd/cifar100/ablations/{ablation}.yaml"), "--print_config"])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "cifar100/pairs/resnet32x4_resnet8x4.yaml"),
+                "--config",
+                str(CONFIGS / "methods/kd.yaml"),
+                "--config",
+                str(CONFIGS / "pwkd/cifar100/pwkd.yaml"),
+                "--config",
+                str(CONFIGS / f"pwkd/cifar100/ablations/{ablation}.yaml"),
+                "--print_config",
+            ]
+        )
     assert stop.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "distill.methods.pwkd.PWKD"
@@ -622,6 +747,16 @@ def test_ablation_configs_compose_with_a_pair_and_a_method(ablation, capsys):
 
 
 def test_a_missing_stage_teacher_names_its_argument(tmp_path, narrow_digits_teachers):
-    with pytest.raises(FileNotFoundError, match=r"missing.ckpt' \(resnet20\) does not exist: .* set model.init_args.stage_teacher_weights"):
-        PWKD(student="resnet8", teacher="resnet20", terms=[KDTerm()], num_classes=10, in_chans=1, image_size=16,
-             stage_teacher_weights=[narrow_digits_teachers[0], str(tmp_path / "missing.ckpt")])
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"missing.ckpt' \(resnet20\) does not exist: .* set model.init_args.stage_teacher_weights",
+    ):
+        PWKD(
+            student="resnet8",
+            teacher="resnet20",
+            terms=[KDTerm()],
+            num_classes=10,
+            in_chans=1,
+            image_size=16,
+            stage_teacher_weights=[narrow_digits_teachers[0], str(tmp_path / "missing.ckpt")],
+        )

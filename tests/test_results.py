@@ -1,4 +1,5 @@
 """The results tool: runs identified from their configs, mean ± std over seeds, CSV, plots."""
+
 import csv
 import io
 import json
@@ -7,8 +8,8 @@ import subprocess
 import sys
 
 import yaml
-
 from conftest import CONFIGS, FAST
+
 from distill.cli import main as distill
 from distill.tools import results
 from distill.tools.plots import val_top1_figure
@@ -19,12 +20,18 @@ KD = {"class_path": "distill.losses.terms.KDTerm", "init_args": {"weight": 0.9, 
 CRD = {"class_path": "distill.losses.terms.CRDTerm", "init_args": {"weight": 0.8}}
 
 
-def write_run(path, model: dict, val_top1: list, seed: int = 0, max_epochs: int | None = None, extra=None, seconds=None):
+def write_run(
+    path, model: dict, val_top1: list, seed: int = 0, max_epochs: int | None = None, extra=None, seconds=None
+):
     """A run directory as ``distill fit`` leaves it: ``config.yaml``, ``metrics.csv`` (a train row with
     the LR and a val row per epoch; a repeated epoch is a resumed run) and optionally ``summary.json``."""
     path.mkdir(parents=True)
-    config = {"seed_everything": seed, "trainer": {"max_epochs": max_epochs or len(set(e for e, _ in val_top1))},
-              "model": model, "data": DATA}
+    config = {
+        "seed_everything": seed,
+        "trainer": {"max_epochs": max_epochs or len(set(e for e, _ in val_top1))},
+        "model": model,
+        "data": DATA,
+    }
     (path / "config.yaml").write_text(yaml.safe_dump(config))
     keys = ["epoch", "step", "lr_step", "val/top1", *sorted({k for extras in (extra or {}).values() for k in extras})]
     with open(path / "metrics.csv", "w", newline="") as handle:
@@ -52,7 +59,9 @@ def write_fake_runs(root):
     write_run(root / "student", supervised("resnet20"), [(0, 0.61), (1, 0.60)], max_epochs=3)
     write_run(root / "kd/version_0", offline_kd([KD]), [(0, 0.60), (1, 0.70), (2, 0.68)], seed=0, seconds=3600)
     write_run(root / "kd/version_1", offline_kd([KD]), [(0, 0.10)], seed=0, max_epochs=3)  # an aborted re-run
-    write_run(root / "kd/version_2", offline_kd([KD]), [(0, 0.55), (1, 0.50), (1, 0.65), (2, 0.66)], seed=1, seconds=5400)
+    write_run(
+        root / "kd/version_2", offline_kd([KD]), [(0, 0.55), (1, 0.50), (1, 0.65), (2, 0.66)], seed=1, seconds=5400
+    )
     stages = {e: {"pwkd/stage": s} for e, s in enumerate([0, 0, 1, 1])}
     pwkd = offline_kd([KD], cls="distill.methods.pwkd.PWKD")
     write_run(root / "pwkd/a", pwkd, [(0, 0.50), (1, 0.60), (2, 0.70), (3, 0.72)], seed=0, extra=stages)
@@ -79,7 +88,10 @@ def test_table_cells_are_mean_std_over_seeds_with_best(tmp_path):
     assert results.format_time(table.cells[row, "pwkd:kd"]) == "n/a ×2"
     markdown = results.to_markdown(table)
     assert "| teacher → student | teacher | student | kd | pwkd:kd |" in markdown
-    assert "| resnet56 → resnet20 | 76.00 [76.00] | 60.00 [61.00]* | 67.00 ± 1.41 [68.00] | 73.00 ± 1.41 [73.00] |" in markdown
+    assert (
+        "| resnet56 → resnet20 | 76.00 [76.00] | 60.00 [61.00]* | 67.00 ± 1.41 [68.00] | 73.00 ± 1.41 [73.00] |"
+        in markdown
+    )
 
 
 def test_csv_has_one_line_per_cell(tmp_path):
@@ -131,12 +143,19 @@ def test_stage_callbacks_and_teacher_lists_tell_ablations_apart(tmp_path):
     pwkd = offline_kd([KD], cls="distill.methods.pwkd.PWKD")
 
     def stages(widths):
-        return {"callbacks": [{"class_path": "distill.callbacks.pwkd.PWKDStages", "init_args": {"widths": widths}},
-                              {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor"}]}
+        return {
+            "callbacks": [
+                {"class_path": "distill.callbacks.pwkd.PWKDStages", "init_args": {"widths": widths}},
+                {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor"},
+            ]
+        }
 
     narrow = {**pwkd, "init_args": {**pwkd["init_args"], "stage_teacher_weights": [f"w{k}.ckpt" for k in range(4)]}}
-    for name, model, widths in (("a", pwkd, [0.25, 0.5, 0.75, 1.0]), ("b", pwkd, [1.0] * 4),
-                                ("c", narrow, [0.25, 0.5, 0.75, 1.0])):
+    for name, model, widths in (
+        ("a", pwkd, [0.25, 0.5, 0.75, 1.0]),
+        ("b", pwkd, [1.0] * 4),
+        ("c", narrow, [0.25, 0.5, 0.75, 1.0]),
+    ):
         write_run(tmp_path / name, model, [(0, 0.5), (1, 0.6)])
         config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
         config["trainer"].update(stages(widths))
@@ -151,12 +170,23 @@ def test_stage_callbacks_and_teacher_lists_tell_ablations_apart(tmp_path):
 
 def test_real_digits_run_is_read_back(in_tmp, tmp_path):
     import torch
+
     from distill.models import create_model
 
     torch.manual_seed(0)
     torch.save(create_model("resnet20", num_classes=10, in_chans=1).state_dict(), tmp_path / "teacher.pt")
-    distill(["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "methods/kd.yaml"),
-             f"--model.init_args.teacher_weights={tmp_path / 'teacher.pt'}", "--trainer.max_epochs=2", *FAST])
+    distill(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits/pair.yaml"),
+            "--config",
+            str(CONFIGS / "methods/kd.yaml"),
+            f"--model.init_args.teacher_weights={tmp_path / 'teacher.pt'}",
+            "--trainer.max_epochs=2",
+            *FAST,
+        ]
+    )
     (run,) = results.collect(in_tmp / "runs")
     logged = [v for _, v in series(read_metrics(run.path), "val/top1")]
     assert (run.dataset, run.teacher, run.student, run.method, run.seed) == ("digits", "resnet20", "resnet8", "kd", 0)
@@ -168,7 +198,9 @@ REPRODUCE = CONFIGS.parent / "scripts/reproduce_cifar100.py"
 
 
 def reproduce(*args, cwd):
-    result = subprocess.run([sys.executable, str(REPRODUCE), *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, str(REPRODUCE), *args], cwd=cwd, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout.splitlines()
 
@@ -190,9 +222,24 @@ def test_reproduction_dry_run_counts_every_job(tmp_path):
 
 
 def test_reproduction_writes_slurm_arrays(tmp_path):
-    reproduce("--slurm", "sl", "--pairs", "resnet56_resnet20", "--methods", "kd", "--seeds", "0", "1",
-              "--", "--trainer.precision=bf16-mixed", cwd=tmp_path)
-    teachers, jobs = (tmp_path / "sl/teachers.txt").read_text().splitlines(), (tmp_path / "sl/jobs.txt").read_text().splitlines()
+    reproduce(
+        "--slurm",
+        "sl",
+        "--pairs",
+        "resnet56_resnet20",
+        "--methods",
+        "kd",
+        "--seeds",
+        "0",
+        "1",
+        "--",
+        "--trainer.precision=bf16-mixed",
+        cwd=tmp_path,
+    )
+    teachers, jobs = (
+        (tmp_path / "sl/teachers.txt").read_text().splitlines(),
+        (tmp_path / "sl/jobs.txt").read_text().splitlines(),
+    )
     assert (len(teachers), len(jobs)) == (1, 4)
     assert all(line.endswith("--trainer.precision=bf16-mixed") for line in teachers + jobs)
     submit = (tmp_path / "sl/submit.sh").read_text()

@@ -1,4 +1,5 @@
 """SOKD: the knowledge bridge module, the loss directions and gradient routing, resume, export, DDP."""
+
 import copy
 import os
 from pathlib import Path
@@ -7,9 +8,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-
-from rank_dump import assert_same_tensors, run_two_ranks
 from conftest import CONFIGS, FAST
+from fakedata import write_fake_cifar100
+from rank_dump import assert_same_tensors, run_two_ranks
+
 from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
 from distill.losses.terms import FitNetTerm
@@ -18,7 +20,6 @@ from distill.methods.sokd import KBM_LOSSES, SOKD, sokd_losses
 from distill.models import WeightLoadError, create_model, load_weights
 from distill.tools.improved_teacher import export_improved_teacher
 from distill.tools.runs import read_metrics, series
-from fakedata import write_fake_cifar100
 
 DIGITS = dict(num_classes=10, in_chans=1, image_size=16)
 
@@ -54,17 +55,24 @@ def digits_teacher(tmp_path_factory):
 
 def sokd(teacher_weights, teacher="resnet20", student="resnet8", **kwargs):
     torch.manual_seed(0)
-    return SOKD(student=student, teacher=teacher, teacher_weights=str(teacher_weights) if teacher_weights else None,
-                **{**DIGITS, **kwargs})
+    return SOKD(
+        student=student,
+        teacher=teacher,
+        teacher_weights=str(teacher_weights) if teacher_weights else None,
+        **{**DIGITS, **kwargs},
+    )
 
 
 # ---- the knowledge bridge module -----------------------------------------------------------------
-@pytest.mark.parametrize("teacher, bridged", [
-    ("resnet20", {"layer3", "fc"}),
-    ("wrn_16_2", {"block3", "bn1", "fc"}),  # bn1: WRN's final norm, in the head
-    ("vgg8", {"block4", "classifier"}),
-    ("resnet18", {"layer4", "fc"}),  # ImageNet ResNet: bridge = layer4 + fc
-])
+@pytest.mark.parametrize(
+    "teacher, bridged",
+    [
+        ("resnet20", {"layer3", "fc"}),
+        ("wrn_16_2", {"block3", "bn1", "fc"}),  # bn1: WRN's final norm, in the head
+        ("vgg8", {"block4", "classifier"}),
+        ("resnet18", {"layer4", "fc"}),  # ImageNet ResNet: bridge = layer4 + fc
+    ],
+)
 def test_kbm_is_a_fresh_copy_of_the_last_stage_and_head(teacher, bridged):
     module = sokd(None, teacher=teacher)
     kbm, tstate = module.kbm.net.state_dict(), module.teacher.state_dict()
@@ -114,7 +122,11 @@ def test_kl_directions_and_tau_squared_match_a_hand_computation():
     tau = 4.0
 
     def kl(p_logits, q_logits):  # τ² · KL(softmax(p/τ) ‖ softmax(q/τ)), batch mean
-        p, log_p, log_q = F.softmax(p_logits / tau, 1), F.log_softmax(p_logits / tau, 1), F.log_softmax(q_logits / tau, 1)
+        p, log_p, log_q = (
+            F.softmax(p_logits / tau, 1),
+            F.log_softmax(p_logits / tau, 1),
+            F.log_softmax(q_logits / tau, 1),
+        )
         return tau**2 * (p * (log_p - log_q)).sum(1).mean()
 
     got = sokd_losses(z_s, z_a, z_t, y, tau)
@@ -201,9 +213,20 @@ def test_param_groups_split_student_and_kbm_with_their_own_lr(digits_teacher):
 
 # ---- runs through the CLI ----------------------------------------------------------------------
 def fit_digits(teacher, epochs, *extra):
-    main(["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/sokd.yaml"),
-          f"--model.init_args.teacher_weights={teacher}", f"--trainer.max_epochs={epochs}", *FAST,
-          "--trainer.limit_val_batches=1.0", *extra])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits/pair.yaml"),
+            "--config",
+            str(CONFIGS / "digits/sokd.yaml"),
+            f"--model.init_args.teacher_weights={teacher}",
+            f"--trainer.max_epochs={epochs}",
+            *FAST,
+            "--trainer.limit_val_batches=1.0",
+            *extra,
+        ]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -254,7 +277,9 @@ def test_exported_improved_teacher_reproduces_logged_kbm_top1(digits_runs, tmp_p
     assert correct / total == pytest.approx(logged, abs=1e-6)
     with pytest.raises(WeightLoadError, match="is not the teacher"):
         export_improved_teacher(run / "checkpoints/last.ckpt", tmp_path / "x.pt", teacher_weights=out)
-    offline = OfflineKD(student="resnet8", teacher="resnet20", teacher_weights=str(out), **DIGITS)  # usable as a teacher
+    offline = OfflineKD(
+        student="resnet8", teacher="resnet20", teacher_weights=str(out), **DIGITS
+    )  # usable as a teacher
     assert torch.equal(offline.teacher.state_dict()["fc.weight"], model.state_dict()["fc.weight"])
 
 
@@ -263,19 +288,34 @@ def test_feature_extension_composes_after_a_cifar_pair_on_fake_data(in_tmp):
     teacher = in_tmp / "resnet56.pt"
     torch.save(create_model("resnet56").state_dict(), teacher)
     data = write_fake_cifar100(in_tmp / "cifar", per_class_train=1, per_class_test=1)
-    main(["fit", "--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
-          "--config", str(CONFIGS / "sokd/sokd_fitnet.yaml"), f"--model.init_args.teacher_weights={teacher}",
-          f"--data.init_args.data_dir={data}", "--data.init_args.verify_md5=false", "--data.init_args.batch_size=16",
-          "--data.init_args.num_workers=0", "--trainer.max_epochs=1", *FAST])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
+            "--config",
+            str(CONFIGS / "sokd/sokd_fitnet.yaml"),
+            f"--model.init_args.teacher_weights={teacher}",
+            f"--data.init_args.data_dir={data}",
+            "--data.init_args.verify_md5=false",
+            "--data.init_args.batch_size=16",
+            "--data.init_args.num_workers=0",
+            "--trainer.max_epochs=1",
+            *FAST,
+        ]
+    )
     rows = read_metrics(in_tmp / "runs/cifar100/sokd/resnet56-resnet20/version_0")
     logged = {k for r in rows for k in r}
     assert {"train/loss_fitnet_step", "train/loss_kbm_kl_teacher_step", "val/kbm_top1", "val/teacher_top1"} <= logged
 
 
-@pytest.mark.parametrize("config, kbm_parts, lr, milestones", [
-    ("sokd/official_wrn_40_2_wrn_40_1.yaml", {"block3", "bn1", "fc"}, 0.1, [100, 150]),
-    ("sokd/imagenet_resnet34_resnet18.yaml", {"layer4", "fc"}, 0.1, [30, 60, 90]),
-])
+@pytest.mark.parametrize(
+    "config, kbm_parts, lr, milestones",
+    [
+        ("sokd/official_wrn_40_2_wrn_40_1.yaml", {"block3", "bn1", "fc"}, 0.1, [100, 150]),
+        ("sokd/imagenet_resnet34_resnet18.yaml", {"layer4", "fc"}, 0.1, [30, 60, 90]),
+    ],
+)
 def test_recipe_configs_instantiate(in_tmp, config, kbm_parts, lr, milestones):
     cli = build_cli(["--config", str(CONFIGS / config), "--model.init_args.teacher_weights=null"], run=False)
     model = cli.model
@@ -285,9 +325,17 @@ def test_recipe_configs_instantiate(in_tmp, config, kbm_parts, lr, milestones):
 
 
 def test_two_process_ddp_keeps_student_kbm_and_teacher_buffers_identical(tmp_path, digits_teacher):
-    args = ["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/sokd.yaml"),
-            f"--model.init_args.teacher_weights={digits_teacher}", "--trainer.max_epochs=1", *FAST,
-            "--trainer.limit_train_batches=3"]
+    args = [
+        "fit",
+        "--config",
+        str(CONFIGS / "digits/pair.yaml"),
+        "--config",
+        str(CONFIGS / "digits/sokd.yaml"),
+        f"--model.init_args.teacher_weights={digits_teacher}",
+        "--trainer.max_epochs=1",
+        *FAST,
+        "--trainer.limit_train_batches=3",
+    ]
     rank0, rank1 = run_two_ranks(args, tmp_path, callback="test_sokd.DumpStudentKBMTeacherPerRank")
     assert any(k.startswith("kbm.") for k in rank0)
     assert any(k.startswith("teacher.") and "running_mean" in k for k in rank0)

@@ -1,15 +1,17 @@
 """SSKD: each phase changes only what it trains (parameters, BN buffers, momentum), the phases follow
 the epochs given, resume mid-phase is exact, DDP ranks agree, the CLI runs, bad configs fail early."""
+
 import logging
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.strategies import DDPStrategy
-
-from rank_dump import run_two_ranks
 from conftest import CONFIGS, FAST
+from fakedata import write_fake_cifar100
+from pytorch_lightning.strategies import DDPStrategy
+from rank_dump import run_two_ranks
+
 from distill.callbacks.sskd import PhaseMultiStep, SSKDPhases
 from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
@@ -18,7 +20,6 @@ from distill.methods.sskd import SSKD, mimic_loss, require_unused_parameter_sear
 from distill.models import create_model
 from distill.tools.results import load_run
 from distill.tools.runs import read_metrics
-from fakedata import write_fake_cifar100
 
 DIGITS = dict(num_classes=10, in_chans=1, image_size=16)
 LR = 0.05
@@ -42,7 +43,9 @@ class EpochRecorder(pl.Callback):
         self.states.append({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
         names = {id(p): n for n, p in pl_module.named_parameters()}
         state = trainer.optimizers[0].state
-        self.momenta.append({names[id(p)]: s["momentum_buffer"].clone() for p, s in state.items() if "momentum_buffer" in s})
+        self.momenta.append(
+            {names[id(p)]: s["momentum_buffer"].clone() for p, s in state.items() if "momentum_buffer" in s}
+        )
 
     def on_train_start(self, trainer, pl_module):
         self.snapshot(trainer, pl_module)
@@ -60,7 +63,9 @@ class EpochRecorder(pl.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.out_dir:
             Path(self.out_dir).mkdir(parents=True, exist_ok=True)
-            torch.save({"phases": self.phases, "states": self.states}, Path(self.out_dir) / f"rank{trainer.global_rank}.pt")
+            torch.save(
+                {"phases": self.phases, "states": self.states}, Path(self.out_dir) / f"rank{trainer.global_rank}.pt"
+            )
 
 
 class ZeroFilledGrads(pl.Callback):
@@ -76,9 +81,17 @@ def fit_digits(epochs, *callbacks, student="wrn_16_1", teacher="wrn_16_2", **mod
     torch.manual_seed(0)
     module = SSKD(student=student, teacher=teacher, lr=LR, **DIGITS, **module_kwargs)
     trainer = pl.Trainer(
-        max_epochs=sum(epochs) if epochs else 4, limit_train_batches=2, limit_val_batches=1, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        accelerator="cpu", devices=1, callbacks=list(callbacks),
+        max_epochs=sum(epochs) if epochs else 4,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        callbacks=list(callbacks),
     )
     trainer.fit(module, DigitsDataModule(batch_size=16))
     return module
@@ -92,12 +105,21 @@ def assert_only_changed(before: dict, after: dict, prefixes: tuple[str, ...], wh
 # plan options → (epochs of the phases, what each phase trains)
 CASES = {
     "paper": ({}, [2, 1, 1, 1], [STAGE1 + ADAPTER[0], STAGE2 + ADAPTER[1], STAGE3 + ADAPTER[2], HEAD]),
-    "classifier_only": ({"head_trains": "classifier"}, [1, 1, 1, 1],
-                        [STAGE1 + ADAPTER[0], STAGE2 + ADAPTER[1], STAGE3 + ADAPTER[2], ("student.fc.",)]),
-    "last_stage_and_head": ({"head_trains": "last_stage_and_head"}, [1, 1, 1, 1],
-                            [STAGE1 + ADAPTER[0], STAGE2 + ADAPTER[1], STAGE3 + ADAPTER[2], STAGE3 + HEAD]),
-    "unfrozen": ({"freeze_earlier_stages": False}, [1, 1, 1, 1],
-                 [STAGE1 + ADAPTER[0], STAGE1 + STAGE2 + ADAPTER[1], STAGE1 + STAGE2 + STAGE3 + ADAPTER[2], HEAD]),
+    "classifier_only": (
+        {"head_trains": "classifier"},
+        [1, 1, 1, 1],
+        [STAGE1 + ADAPTER[0], STAGE2 + ADAPTER[1], STAGE3 + ADAPTER[2], ("student.fc.",)],
+    ),
+    "last_stage_and_head": (
+        {"head_trains": "last_stage_and_head"},
+        [1, 1, 1, 1],
+        [STAGE1 + ADAPTER[0], STAGE2 + ADAPTER[1], STAGE3 + ADAPTER[2], STAGE3 + HEAD],
+    ),
+    "unfrozen": (
+        {"freeze_earlier_stages": False},
+        [1, 1, 1, 1],
+        [STAGE1 + ADAPTER[0], STAGE1 + STAGE2 + ADAPTER[1], STAGE1 + STAGE2 + STAGE3 + ADAPTER[2], HEAD],
+    ),
     "joint_mimic": ({"plan": "joint_mimic"}, [1, 1], [BACKBONE, HEAD]),
     "joint_ce": ({"plan": "joint_ce"}, [1], [BACKBONE + HEAD]),
 }
@@ -154,8 +176,16 @@ def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ
     ],
 )
 def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
-    cli = build_cli(["--config", str(CONFIGS / pair), "--config", str(CONFIGS / "sskd/sskd.yaml"),
-                     "--model.init_args.teacher_weights=null"], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIGS / pair),
+            "--config",
+            str(CONFIGS / "sskd/sskd.yaml"),
+            "--model.init_args.teacher_weights=null",
+        ],
+        run=False,
+    )
     module = cli.model
     assert isinstance(module, SSKD)
     assert sum(not isinstance(a, torch.nn.Identity) for a in module.adapters) == adapters
@@ -175,9 +205,18 @@ def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
     ],
 )
 def test_ablation_configs_compose_after_sskd(in_tmp, ablation, phases, head_first, schedule):
-    cli = build_cli(["--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
-                     "--config", str(CONFIGS / "sskd/sskd.yaml"), "--config", str(CONFIGS / f"sskd/ablations/{ablation}.yaml"),
-                     "--model.init_args.teacher_weights=null"], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
+            "--config",
+            str(CONFIGS / "sskd/sskd.yaml"),
+            "--config",
+            str(CONFIGS / f"sskd/ablations/{ablation}.yaml"),
+            "--model.init_args.teacher_weights=null",
+        ],
+        run=False,
+    )
     module, (callback,) = cli.model, [cb for cb in cli.trainer.callbacks if isinstance(cb, SSKDPhases)]
     assert [p.name for p in module.phases] == phases and module.phases[-1].first == head_first
     assert type(callback.make_schedule(callback.resolve_epochs(module, 240))).__name__ == schedule
@@ -195,8 +234,15 @@ def digits_teacher(tmp_path):
 
 def digits_cli_args(teacher, epochs, *extra):
     return [
-        "fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/sskd.yaml"),
-        f"--model.init_args.teacher_weights={teacher}", f"--trainer.max_epochs={epochs}", *FAST, *extra,
+        "fit",
+        "--config",
+        str(CONFIGS / "digits/pair.yaml"),
+        "--config",
+        str(CONFIGS / "digits/sskd.yaml"),
+        f"--model.init_args.teacher_weights={teacher}",
+        f"--trainer.max_epochs={epochs}",
+        *FAST,
+        *extra,
     ]
 
 
@@ -213,19 +259,30 @@ def test_resume_in_the_middle_of_phase_2_equals_uninterrupted(tmp_path, digits_t
     assert straight["state_dict"].keys() == resumed["state_dict"].keys()
     for key in straight["state_dict"]:
         assert torch.equal(straight["state_dict"][key], resumed["state_dict"][key]), key
-    for a, b in zip(straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+    for a, b in zip(
+        straight["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()
+    ):
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
 def test_two_process_ddp_keeps_ranks_identical_and_frozen_parts_fixed(tmp_path, digits_teacher):
-    rank0, rank1 = run_two_ranks(digits_cli_args(digits_teacher, 4), tmp_path, callback="test_sskd.EpochRecorder",
-                                 strategy="ddp_find_unused_parameters_true")
+    rank0, rank1 = run_two_ranks(
+        digits_cli_args(digits_teacher, 4),
+        tmp_path,
+        callback="test_sskd.EpochRecorder",
+        strategy="ddp_find_unused_parameters_true",
+    )
     assert rank0["phases"] == rank1["phases"] == [0, 1, 2, 3]
     for s0, s1 in zip(rank0["states"], rank1["states"], strict=True):
         for key in s0:
             assert torch.equal(s0[key], s1[key]), key
     # resnet8: stage 1 = stem + layer1; no adapters (same channels as resnet20)
-    trained = [("student.conv1.", "student.bn1.", "student.layer1."), ("student.layer2.",), ("student.layer3.",), ("student.fc.",)]
+    trained = [
+        ("student.conv1.", "student.bn1.", "student.layer1."),
+        ("student.layer2.",),
+        ("student.layer3.",),
+        ("student.fc.",),
+    ]
     states = rank0["states"]
     for k, prefixes in enumerate(trained):
         assert_only_changed(states[k], states[k + 1], prefixes, f"phase {k + 1}")
@@ -245,12 +302,22 @@ def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(i
     handler.emit = lambda record: messages.append(record.getMessage())
     logging.getLogger("pytorch_lightning").addHandler(handler)
     try:
-        main([
-            "fit", "--config", str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
-            "--config", str(CONFIGS / "sskd/sskd.yaml"), f"--model.init_args.teacher_weights={teacher}",
-            f"--data.init_args.data_dir={fake_cifar}", "--data.init_args.verify_md5=false",
-            "--data.init_args.batch_size=16", "--data.init_args.num_workers=0", "--trainer.max_epochs=4", *FAST,
-        ])
+        main(
+            [
+                "fit",
+                "--config",
+                str(CONFIGS / "cifar100/pairs/resnet56_resnet20.yaml"),
+                "--config",
+                str(CONFIGS / "sskd/sskd.yaml"),
+                f"--model.init_args.teacher_weights={teacher}",
+                f"--data.init_args.data_dir={fake_cifar}",
+                "--data.init_args.verify_md5=false",
+                "--data.init_args.batch_size=16",
+                "--data.init_args.num_workers=0",
+                "--trainer.max_epochs=4",
+                *FAST,
+            ]
+        )
     finally:
         logging.getLogger("pytorch_lightning").removeHandler(handler)
     run = in_tmp / "runs/cifar100/sskd/resnet56-resnet20/version_0"

@@ -1,11 +1,12 @@
 """RunSummary: config, teacher identity and results reach W&B (offline, no network) and summary.json."""
+
 import json
 import os
 
 import pytest
 import torch
-
 from conftest import CONFIGS, FAST
+
 from distill.cli import main
 from distill.models import create_model
 from distill.models.weights import file_sha256
@@ -23,8 +24,19 @@ def teacher(tmp_path):
 
 
 def fit(teacher, epochs, *extra):
-    main(["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "methods/kd.yaml"),
-          f"--model.init_args.teacher_weights={teacher}", f"--trainer.max_epochs={epochs}", *FAST, *extra])
+    main(
+        [
+            "fit",
+            "--config",
+            str(CONFIGS / "digits/pair.yaml"),
+            "--config",
+            str(CONFIGS / "methods/kd.yaml"),
+            f"--model.init_args.teacher_weights={teacher}",
+            f"--trainer.max_epochs={epochs}",
+            *FAST,
+            *extra,
+        ]
+    )
 
 
 def test_offline_wandb_run_holds_config_identity_metrics_and_summary(in_tmp, teacher, monkeypatch):

@@ -5,6 +5,7 @@ choice): SSKD's backbone phases evaluate the student with an untrained classifie
 phase may give the best checkpoint and ``val/top1_best``. Every other method counts every epoch, and
 this is then Lightning's ``ModelCheckpoint`` unchanged.
 """
+
 from __future__ import annotations
 
 import pytorch_lightning as pl

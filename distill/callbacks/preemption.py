@@ -12,6 +12,7 @@ Lightning's own SIGTERM handler while training (which sets that flag at once and
 running validation), raises the flag at the end of an optimiser step that every rank agrees on,
 keeps it down while validation runs, and writes the checkpoint in ``on_exception``.
 """
+
 from __future__ import annotations
 
 import os
@@ -139,7 +140,9 @@ class PreemptionCheckpoint(pl.Callback):
             return
         path = self.checkpoint_path(trainer)
         save_atomically(trainer, path)
-        rank_zero_info(f"stopped by a signal at step {trainer.global_step}: wrote {path}, resume with --ckpt_path {path}")
+        rank_zero_info(
+            f"stopped by a signal at step {trainer.global_step}: wrote {path}, resume with --ckpt_path {path}"
+        )
         job_id = slurm_job_id()
         if self.requeue and job_id and trainer.is_global_zero and signal.Signals[REQUEUE_SIGNAL] in self.received:
             requeue_slurm_job(job_id)

@@ -1,10 +1,12 @@
 """The stages of PWKD (Zhang, Zhang, Sun, 2021, "Partial to Whole Knowledge Distillation";
 METHODS.md §3): teacher widths narrow to wide, one cosine LR cycle per stage."""
+
 from __future__ import annotations
 
 import bisect
 import itertools
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import pytorch_lightning as pl
 
@@ -28,7 +30,8 @@ class PWKDStages(pl.Callback):
         epochs: epochs of each stage, summing to ``trainer.max_epochs``; [chosen] default an equal
             split (CIFAR: 4 × 60 = 240), the first ``max_epochs mod n`` stages one epoch longer.
         schedule: ``cyclic`` (default; [chosen] cosine shape): cosine from the base LR to
-            ``min_factor`` within each stage, restarting at every boundary; ``monotone`` (ablation): [chosen] one cosine over all stages;
+            ``min_factor`` within each stage, restarting at every boundary; ``monotone`` (ablation):
+            [chosen] one cosine over all stages;
             ``base``: keep the model's configured ``lr_schedule`` (with ``widths: [1.0]``, the plain
             base method against the whole slimmable teacher, the baseline METHODS.md §3 asks for).
         min_factor: the LR at the end of a cycle as a fraction of the base LR ([chosen] 0).
@@ -50,14 +53,20 @@ class PWKDStages(pl.Callback):
         if not self.widths or not all(0 < w <= 1 for w in self.widths):
             raise ValueError(f"PWKDStages widths must be teacher widths in (0, 1], got {self.widths}")
         if order != sorted(order) or order[-1] != 1.0:
-            expected = "not increase and start at 1.0 (reverse_order)" if reverse_order else "not decrease and end at 1.0"
+            expected = (
+                "not increase and start at 1.0 (reverse_order)" if reverse_order else "not decrease and end at 1.0"
+            )
             raise ValueError(f"PWKDStages widths must {expected}, got {self.widths}")
         if epochs is not None and (len(epochs) != len(self.widths) or any(int(e) != e or e <= 0 for e in epochs)):
-            raise ValueError(f"PWKDStages epochs must be one positive integer per width {self.widths}, got {list(epochs)}")
+            raise ValueError(
+                f"PWKDStages epochs must be one positive integer per width {self.widths}, got {list(epochs)}"
+            )
         if schedule not in ("cyclic", "monotone", "base"):
             raise ValueError(f"PWKDStages schedule must be 'cyclic', 'monotone' or 'base', got {schedule!r}")
         if not 0 <= min_factor <= 1 or warmup_epochs < 0:
-            raise ValueError(f"PWKDStages needs 0 <= min_factor <= 1 and warmup_epochs >= 0, got {min_factor}, {warmup_epochs}")
+            raise ValueError(
+                f"PWKDStages needs 0 <= min_factor <= 1 and warmup_epochs >= 0, got {min_factor}, {warmup_epochs}"
+            )
         self.epochs = None if epochs is None else [int(e) for e in epochs]
         self.schedule, self.min_factor, self.warmup_epochs = schedule, min_factor, warmup_epochs
         self.starts: list[int] = []
@@ -68,10 +77,14 @@ class PWKDStages(pl.Callback):
         n = len(self.widths)
         if self.epochs is None:
             if not max_epochs or max_epochs < n:
-                raise ValueError(f"trainer.max_epochs={max_epochs} is fewer epochs than the {n} PWKD stages {self.widths}")
+                raise ValueError(
+                    f"trainer.max_epochs={max_epochs} is fewer epochs than the {n} PWKD stages {self.widths}"
+                )
             return [max_epochs // n + (k < max_epochs % n) for k in range(n)]
         if sum(self.epochs) != max_epochs:
-            raise ValueError(f"PWKDStages epochs {self.epochs} sum to {sum(self.epochs)}, not trainer.max_epochs={max_epochs}")
+            raise ValueError(
+                f"PWKDStages epochs {self.epochs} sum to {sum(self.epochs)}, not trainer.max_epochs={max_epochs}"
+            )
         return list(self.epochs)
 
     def stage_of(self, epoch: int) -> int:
@@ -100,7 +113,8 @@ class PWKDStages(pl.Callback):
         """A run resumes only under the stages it was trained with."""
         if state_dict != self.plan:
             raise ValueError(
-                f"the PWKD stages {self.plan} differ from the checkpoint's {state_dict}; resume with the same widths and epochs"
+                f"the PWKD stages {self.plan} differ from the checkpoint's {state_dict}; "
+                "resume with the same widths and epochs"
             )
 
     def _enter(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

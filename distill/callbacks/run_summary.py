@@ -8,6 +8,7 @@ time go into ``summary.json`` next to ``config.yaml`` and into W&B's ``run.summa
 fractions, as logged. The run time adds up the sessions of a resumed run (it is kept in the
 checkpoint).
 """
+
 from __future__ import annotations
 
 import json

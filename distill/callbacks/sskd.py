@@ -7,11 +7,13 @@ The callback hands the epochs to :class:`~distill.methods.sskd.SSKD`, which deri
 resumed in the middle of a phase continues exactly (DESIGN.md, resume pitfall). The epochs are
 stored in the checkpoint; resuming with other phase epochs is refused.
 """
+
 from __future__ import annotations
 
 import bisect
 import math
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
@@ -23,7 +25,9 @@ from ..schedules import CyclicCosine, Schedule
 class PhaseMultiStep(Schedule):
     """×``gamma`` at fixed fractions of every phase (changing at epoch starts), restarted in each phase."""
 
-    def __init__(self, phase_epochs: Sequence[int], milestones: Sequence[float] = (0.625, 0.75, 0.875), gamma: float = 0.1):
+    def __init__(
+        self, phase_epochs: Sequence[int], milestones: Sequence[float] = (0.625, 0.75, 0.875), gamma: float = 0.1
+    ):
         self.bounds = [sum(phase_epochs[:i]) for i in range(len(phase_epochs) + 1)]
         self.milestones = [[round(f * length) for f in milestones] for length in phase_epochs]
         self.gamma = gamma
@@ -68,7 +72,9 @@ class SSKDPhases(pl.Callback):
         if warmup_epochs < 0:
             raise ValueError(f"SSKDPhases warmup_epochs={warmup_epochs}: expected a non-negative number of epochs")
         if list(step_milestones) != sorted(step_milestones) or any(not 0 < f < 1 for f in step_milestones):
-            raise ValueError(f"SSKDPhases step_milestones={list(step_milestones)}: expected increasing fractions in (0, 1)")
+            raise ValueError(
+                f"SSKDPhases step_milestones={list(step_milestones)}: expected increasing fractions in (0, 1)"
+            )
         self.epochs = list(epochs) if epochs is not None else None
         self.lr_schedule, self.min_lr_factor, self.warmup_epochs = lr_schedule, min_lr_factor, warmup_epochs
         self.step_milestones, self.step_gamma = list(step_milestones), step_gamma
@@ -80,14 +86,20 @@ class SSKDPhases(pl.Callback):
         n = len(module.phases)
         phases = f"{n} phases ({module.phase_names()})"
         if max_epochs is None or max_epochs < 0:
-            raise ValueError(f"SSKDPhases needs a finite trainer.max_epochs to split among the {phases}, got {max_epochs}")
+            raise ValueError(
+                f"SSKDPhases needs a finite trainer.max_epochs to split among the {phases}, got {max_epochs}"
+            )
         if self.epochs is None:
             if max_epochs < n:
-                raise ValueError(f"trainer.max_epochs={max_epochs} cannot be split among the {phases}: expected at least {n}")
+                raise ValueError(
+                    f"trainer.max_epochs={max_epochs} cannot be split among the {phases}: expected at least {n}"
+                )
             base, extra = divmod(max_epochs, n)
             return [base + (i < extra) for i in range(n)]
         if len(self.epochs) != n:
-            raise ValueError(f"SSKDPhases epochs={self.epochs} has {len(self.epochs)} entries, but the model has {phases}")
+            raise ValueError(
+                f"SSKDPhases epochs={self.epochs} has {len(self.epochs)} entries, but the model has {phases}"
+            )
         if sum(self.epochs) != max_epochs:
             raise ValueError(
                 f"SSKDPhases epochs={self.epochs} sum to {sum(self.epochs)}, but trainer.max_epochs={max_epochs}: "

@@ -1,4 +1,5 @@
 """LightningDataModules; every batch is ``(images, targets, indices)``."""
+
 from .base import ClassificationDataModule
 from .cifar import CIFAR100DataModule
 from .digits import DigitsDataModule
@@ -6,5 +7,9 @@ from .fashion_mnist import FashionMNISTDataModule
 from .imagenet import ImageNetDataModule
 
 __all__ = [
-    "CIFAR100DataModule", "ClassificationDataModule", "DigitsDataModule", "FashionMNISTDataModule", "ImageNetDataModule",
+    "CIFAR100DataModule",
+    "ClassificationDataModule",
+    "DigitsDataModule",
+    "FashionMNISTDataModule",
+    "ImageNetDataModule",
 ]

@@ -4,6 +4,7 @@
 horizontal flip) done for a whole batch at once, on whatever device the batch is on;
 ``random_resized_crop_boxes`` draws ImageNet's random-resized-crop boxes for a whole batch.
 """
+
 from __future__ import annotations
 
 import math
@@ -53,8 +54,9 @@ def random_resized_crop_boxes(
     n = len(sizes)
     height, width = sizes[:, 0:1].double(), sizes[:, 1:2].double()
     area = height * width * torch.empty(n, tries, dtype=torch.float64).uniform_(*scale, generator=generator)
-    log_ratio = torch.empty(n, tries, dtype=torch.float64).uniform_(math.log(ratio[0]), math.log(ratio[1]),
-                                                                    generator=generator)
+    log_ratio = torch.empty(n, tries, dtype=torch.float64).uniform_(
+        math.log(ratio[0]), math.log(ratio[1]), generator=generator
+    )
     w = torch.sqrt(area * log_ratio.exp()).round()
     h = torch.sqrt(area / log_ratio.exp()).round()
     fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)

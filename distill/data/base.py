@@ -5,6 +5,7 @@ which contrastive memories (CRD) key on. Training batches follow a permutation o
 split over the DDP ranks and resume mid-epoch; evaluation sees every sample exactly once
 (:mod:`distill.data.distributed`).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -76,7 +77,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return step_generator(self.seed, trainer.global_step, device, getattr(trainer, "global_rank", 0))
 
-    def _loader(self, dataset: Dataset | None, train: bool, collate_fn=None, num_workers: int | None = None) -> DataLoader:
+    def _loader(
+        self, dataset: Dataset | None, train: bool, collate_fn=None, num_workers: int | None = None
+    ) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not built this split yet")
         workers = self.num_workers if num_workers is None else num_workers
@@ -98,7 +101,8 @@ class ClassificationDataModule(pl.LightningDataModule):
         return loader
 
     def state_dict(self) -> dict:
-        """The training loader's position (epoch, batches consumed): a mid-epoch checkpoint resumes at the next batch."""
+        """The training loader's position (epoch, batches consumed): a mid-epoch checkpoint resumes at the
+        next batch."""
         return {"train_position": self._train_loader.state_dict()} if self._train_loader is not None else {}
 
     def load_state_dict(self, state: dict) -> None:
@@ -116,4 +120,3 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, train=False)
-

@@ -5,6 +5,7 @@ flip + normalisation; test = normalisation only; the test split is also the vali
 
 Either pipeline of :mod:`distill.data.tensor` (``pipeline`` argument) applies the same protocol.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -7,6 +7,7 @@ once to ``image_size`` (default 16, so VGG's four poolings still fit), a random 
 ``train_fraction`` to keep a stratified subset of the training split (the demo's students learn
 from 10% of it, where a teacher's soft targets visibly matter; the full digits are too easy).
 """
+
 from __future__ import annotations
 
 import torch

@@ -14,6 +14,7 @@
 Both samplers subclass ``DistributedSampler``, so Lightning keeps them instead of injecting its own
 (``Trainer(use_distributed_sampler=True)``, the default, replaces only other samplers).
 """
+
 from __future__ import annotations
 
 import math

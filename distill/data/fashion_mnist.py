@@ -10,6 +10,7 @@ Project choices: the test split is also the validation split; training augmentat
 Debian's files are recompressed and differ from torchvision's MD5s; the magic numbers, the sizes
 and gzip's CRC catch damaged files.
 """
+
 from __future__ import annotations
 
 import gzip

@@ -17,6 +17,7 @@ Three ways to get there (``decode``), the same transforms in each:
 DDP-safe: every rank builds the same file lists from the same tree; Lightning adds the
 ``DistributedSampler``. Nothing is downloaded: ImageNet must be obtained and unpacked by hand.
 """
+
 from __future__ import annotations
 
 from typing import Literal

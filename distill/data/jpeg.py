@@ -8,6 +8,7 @@ For decoding on the device, a DataLoader worker only reads each file (:func:`rea
 JPEGs; the rest (CMYK JPEGs, and the odd PNG that ImageNet's training set holds under a ``.JPEG``
 name) the worker decodes on its CPU (project choice: route by header rather than fail on the GPU).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable

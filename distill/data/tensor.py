@@ -9,6 +9,7 @@
 
 Used by CIFAR-100 and Fashion-MNIST.
 """
+
 from __future__ import annotations
 
 from typing import Literal

@@ -1,7 +1,8 @@
 """AT: activation-based attention transfer (Zagoruyko & Komodakis, 2017)."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

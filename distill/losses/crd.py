@@ -6,6 +6,7 @@ against the teacher bank, each with one positive (the sample's own row) and K = 
 scored by the NCE loss of the official code (RepDistiller ``crd/``), NCE temperature 0.07,
 memory momentum 0.5.
 """
+
 from __future__ import annotations
 
 import math
@@ -132,9 +133,22 @@ class ContrastMemory(nn.Module):
     - Only training-mode forwards update the banks and advance the step.
     """
 
-    def __init__(self, dim: int = 128, num_negatives: int = 16384, temperature: float = 0.07, momentum: float = 0.5, seed: int = 0):
+    def __init__(
+        self,
+        dim: int = 128,
+        num_negatives: int = 16384,
+        temperature: float = 0.07,
+        momentum: float = 0.5,
+        seed: int = 0,
+    ):
         super().__init__()
-        self.dim, self.num_negatives, self.temperature, self.momentum, self.seed = dim, num_negatives, temperature, momentum, seed
+        self.dim, self.num_negatives, self.temperature, self.momentum, self.seed = (
+            dim,
+            num_negatives,
+            temperature,
+            momentum,
+            seed,
+        )
         self.memory_s: torch.Tensor | None = None
         self.memory_t: torch.Tensor | None = None
         self.z_s: float | None = None
@@ -172,10 +186,18 @@ class ContrastMemory(nn.Module):
         self.z_s = self.z_t = None
 
     def get_extra_state(self) -> dict:
-        return {"memory_s": self.memory_s, "memory_t": self.memory_t, "z_s": self.z_s, "z_t": self.z_t, "step": self.step}
+        return {
+            "memory_s": self.memory_s,
+            "memory_t": self.memory_t,
+            "z_s": self.z_s,
+            "z_t": self.z_t,
+            "step": self.step,
+        }
 
     def set_extra_state(self, state: dict) -> None:
-        self.memory_s, self.memory_t = (None if m is None else m.detach().clone() for m in (state["memory_s"], state["memory_t"]))
+        self.memory_s, self.memory_t = (
+            None if m is None else m.detach().clone() for m in (state["memory_s"], state["memory_t"])
+        )
         self.z_s, self.z_t, self.step = state["z_s"], state["z_t"], state["step"]
 
     def _move_to(self, device: torch.device) -> None:
@@ -194,7 +216,9 @@ class ContrastMemory(nn.Module):
         self._generator.manual_seed(((self.seed * 1_000_003 + rank) * 2**32 + self.step) % 2**63)
         cls = self.targets[index]
         start, count = self.starts[cls].unsqueeze(1), self.counts[cls].unsqueeze(1)
-        u = torch.rand(len(index), self.num_negatives, generator=self._generator, device=index.device, dtype=torch.float64)
+        u = torch.rand(
+            len(index), self.num_negatives, generator=self._generator, device=index.device, dtype=torch.float64
+        )
         pos = (u * (len(self.targets) - count)).long()  # position among the other classes' samples
         pos = pos + (pos >= start) * count  # skip the sample's own class block
         return torch.cat([index.unsqueeze(1), self.order[pos]], dim=1)
@@ -205,7 +229,9 @@ class ContrastMemory(nn.Module):
         e = all_gather_cat(torch.cat([e_s, e_t], dim=1).detach().float())
         index = all_gather_cat(index)
         uniq, inverse = torch.unique(index, return_inverse=True)
-        last = torch.full_like(uniq, -1).scatter_reduce_(0, inverse, torch.arange(len(index), device=index.device), "amax")
+        last = torch.full_like(uniq, -1).scatter_reduce_(
+            0, inverse, torch.arange(len(index), device=index.device), "amax"
+        )
         e_s, e_t = e[last].split(e_s.shape[1], dim=1)
         # out of place: the loss's autograd graph may hold the old bank (the matmul path)
         self.memory_s = self._momentum(self.memory_s, uniq, e_s)

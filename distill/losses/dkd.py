@@ -4,6 +4,7 @@ KD splits into target-class KD (TCKD: the binary "target vs the rest" distributi
 non-target-class KD (NCKD: the distributions over the non-target classes, renormalised);
 KD = TCKD + (1 − p_t^T) · NCKD. DKD weights the two freely: α · TCKD + β · NCKD.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,9 @@ def dkd_loss(
     z_s = student_logits.float() / temperature
     z_t = teacher_logits.detach().float() / temperature
     gt_mask = F.one_hot(target, z_s.shape[1]).bool()
-    tckd = F.kl_div(_binary_log_probs(z_s, gt_mask), _binary_log_probs(z_t, gt_mask), reduction="batchmean", log_target=True)
+    tckd = F.kl_div(
+        _binary_log_probs(z_s, gt_mask), _binary_log_probs(z_t, gt_mask), reduction="batchmean", log_target=True
+    )
     log_q_s = F.log_softmax(_non_target(z_s, gt_mask), dim=1)
     log_q_t = F.log_softmax(_non_target(z_t, gt_mask), dim=1)
     nckd = F.kl_div(log_q_s, log_q_t, reduction="batchmean", log_target=True)

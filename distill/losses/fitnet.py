@@ -1,4 +1,5 @@
 """FitNet: hint-based feature regression (Romero et al., 2015, FitNets)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """KD: soft-target distillation (Hinton et al., 2015)."""
+
 from __future__ import annotations
 
 import torch

@@ -15,9 +15,11 @@ here is the project's reading of it (METHODS.md §6, [chosen]), not the paper's 
 
 Pure functions of tensors; the layer matching and the training live in :mod:`distill.methods.kr`.
 """
+
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +37,7 @@ def group_membership(n: int, groups: int) -> torch.Tensor:
     members = torch.zeros(groups, n, dtype=torch.float64)
     for k in range(groups):
         start = k * n // groups
-        members[k, start:max((k + 1) * n // groups, start + 1)] = 1
+        members[k, start : max((k + 1) * n // groups, start + 1)] = 1
     return members
 
 
@@ -146,7 +148,7 @@ def resize_kernel(weight: torch.Tensor, size: Sequence[int], shrink: Shrink = "c
     if small != (kh, kw):
         if shrink == "crop":
             top, left = (kh - small[0]) // 2, (kw - small[1]) // 2
-            flat = flat[..., top:top + small[0], left:left + small[1]]
+            flat = flat[..., top : top + small[0], left : left + small[1]]
         else:
             flat = F.adaptive_avg_pool2d(flat, small)
     if small != (th, tw):
@@ -203,7 +205,9 @@ def top_fraction_mask(reference: torch.Tensor, fraction: float) -> torch.Tensor:
     return mask.view_as(reference)
 
 
-def prior_penalty(weights: Sequence[torch.Tensor], priors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]) -> torch.Tensor:
+def prior_penalty(
+    weights: Sequence[torch.Tensor], priors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
+) -> torch.Tensor:
     """R = Σ_l mean((M_l ⊙ (W_S^l − W_D^l))²), the mean over all entries of each layer, in float32.
 
     Its gradient w.r.t. W_S^l is 2·M_l ⊙ (W_S^l − W_D^l) / numel(W_S^l): zero outside the mask.

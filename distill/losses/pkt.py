@@ -1,4 +1,5 @@
 """PKT: probabilistic knowledge transfer (Passalis & Tefas, 2018)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """RKD: relational knowledge distillation (Park et al., 2019)."""
+
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,9 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
     return torch.bmm(diff, diff.transpose(1, 2)).flatten()
 
 
-def rkd_loss(e_s: torch.Tensor, e_t: torch.Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0) -> torch.Tensor:
+def rkd_loss(
+    e_s: torch.Tensor, e_t: torch.Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0
+) -> torch.Tensor:
     """distance_weight · smooth-L1(distance potentials) + angle_weight · smooth-L1(angle potentials).
 
     Distances are divided by their mean over distinct pairs; the teacher side runs without grad.

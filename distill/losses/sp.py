@@ -1,4 +1,5 @@
 """SP: similarity-preserving distillation (Tung & Mori, 2019)."""
+
 from __future__ import annotations
 
 import torch

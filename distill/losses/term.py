@@ -5,6 +5,7 @@ A term is a small ``nn.Module`` that reads what it needs from the student's and 
 owns its connectors (a FitNet regressor, CRD embeddings and memory), and returns its *unweighted*
 loss. The engine multiplies by :meth:`weight_at` and logs the term under :attr:`name`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,5 +32,7 @@ class DistillTerm(nn.Module):
         """The weight in force at ``epoch`` (0-based); constant unless a method warms it up."""
         return self.weight
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError

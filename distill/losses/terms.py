@@ -3,9 +3,10 @@
 Each term reads what it needs from the two :class:`StagedOutput`, owns its connectors, and returns
 its *unweighted* loss; the default ``weight`` is the CRD benchmark's [protocol].
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -31,7 +32,9 @@ class KDTerm(DistillTerm):
         super().__init__(weight)
         self.temperature = temperature
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         return kd_loss(student.logits, teacher.logits, self.temperature)
 
 
@@ -48,7 +51,13 @@ class FitNetTerm(DistillTerm):
 
     name = "fitnet"
 
-    def __init__(self, weight: float = 100.0, student_stage: int | None = None, teacher_stage: int | None = None, relu: bool = True):
+    def __init__(
+        self,
+        weight: float = 100.0,
+        student_stage: int | None = None,
+        teacher_stage: int | None = None,
+        relu: bool = True,
+    ):
         super().__init__(weight)
         self.student_stage, self.teacher_stage, self.relu = student_stage, teacher_stage, relu
         self.regressor: nn.Module | None = None
@@ -58,7 +67,9 @@ class FitNetTerm(DistillTerm):
         f_t = teacher.stages[_middle(teacher.stages, self.teacher_stage)]
         self.regressor = ConvRegressor(tuple(f_s.shape[1:]), tuple(f_t.shape[1:]), self.relu).to(f_s.device)
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         f_s = student.stages[_middle(student.stages, self.student_stage)]
         f_t = teacher.stages[_middle(teacher.stages, self.teacher_stage)]
         return fitnet_loss(self.regressor(f_s), f_t)
@@ -77,7 +88,9 @@ class ATTerm(DistillTerm):
         super().__init__(weight)
         self.p = p
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         n = min(len(student.stages), len(teacher.stages))
         return at_loss_stages(student.stages[-n:], teacher.stages[-n:], self.p)
 
@@ -95,7 +108,9 @@ class SPTerm(DistillTerm):
     def __init__(self, weight: float = 3000.0):
         super().__init__(weight)
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         return sp_loss(student.feature, teacher.feature)
 
 
@@ -108,7 +123,9 @@ class RKDTerm(DistillTerm):
         super().__init__(weight)
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         return rkd_loss(student.embedding, teacher.embedding, self.distance_weight, self.angle_weight)
 
 
@@ -120,7 +137,9 @@ class PKTTerm(DistillTerm):
     def __init__(self, weight: float = 30000.0):
         super().__init__(weight)
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         return pkt_loss(student.embedding, teacher.embedding)
 
 
@@ -157,7 +176,9 @@ class CRDTerm(DistillTerm):
     def setup_data(self, targets: torch.Tensor) -> None:
         self.memory.setup(targets)
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         return self.memory(self.embed_s(student.embedding), self.embed_t(teacher.embedding.detach()), index)
 
 
@@ -170,12 +191,16 @@ class DKDTerm(DistillTerm):
 
     name = "dkd"
 
-    def __init__(self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20):
+    def __init__(
+        self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20
+    ):
         super().__init__(weight)
         self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup
 
     def weight_at(self, epoch: int) -> float:
         return self.weight * min((epoch + 1) / self.warmup, 1.0) if self.warmup > 0 else self.weight
 
-    def forward(self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
         return dkd_loss(student.logits, teacher.logits, target, self.alpha, self.beta, self.temperature)

@@ -1,4 +1,5 @@
 """One LightningModule per method over a small shared base."""
+
 from .base import DistillModule
 from .dml import DML
 from .kd import OfflineKD

@@ -4,6 +4,7 @@ A method only says what it trains (``training_losses``) and which networks it ev
 (``eval_logits``); everything else is here, so a method reads in a minute (DESIGN.md, after
 mdistiller and solo-learn).
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,11 @@ class DistillModule(pl.LightningModule):
         self._networks_configured = False
         self.steps_per_epoch = 1
         self.metrics = nn.ModuleDict(
-            {f"{split}_{name or 'main'}": top_k_metrics(num_classes) for split in ("train", "val", "test") for name in self.eval_names}
+            {
+                f"{split}_{name or 'main'}": top_k_metrics(num_classes)
+                for split in ("train", "val", "test")
+                for name in self.eval_names
+            }
         )
         self.best: dict[str, float] = {}
 
@@ -125,11 +130,15 @@ class DistillModule(pl.LightningModule):
 
     def configure_optimizers(self):
         self.trainer.fit_loop.setup_data()  # counts the training batches (also with only max_steps set)
-        self.steps_per_epoch = max(1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches))
+        self.steps_per_epoch = max(
+            1, math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+        )
         lr = self.base_lr()
         groups = self.param_groups()
         if self.optimizer_name == "sgd":
-            optimizer = torch.optim.SGD(groups, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
+            optimizer = torch.optim.SGD(
+                groups, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov
+            )
         else:
             optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=self.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)

@@ -4,6 +4,7 @@ Each network minimises ``ce_weight · CE + kl_weight · τ² KL(p_other ‖ p_se
 prediction detached (METHODS.md §2); one optimiser over both networks, which is equivalent to the
 paper's alternating updates up to the order within a step.
 """
+
 from __future__ import annotations
 
 import torch.nn.functional as F

@@ -4,6 +4,7 @@ Any combination of the classic terms of METHODS.md §2 (KD, FitNet, AT, SP, RKD,
 one list in the config; the total loss is ``ce_weight · CE + Σ weight_i(epoch) · term_i``. PWKD, SOKD's
 feature extension and KR build on this module.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -58,7 +59,9 @@ class OfflineKD(TeacherMixin, DistillModule):
         super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["terms"])
         self.ce_weight = ce_weight
-        self.student = create_model(student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {}))
+        self.student = create_model(
+            student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {})
+        )
         self.attach_teacher(*self.load_teacher(teacher, teacher_weights, teacher_kwargs))
         self.terms = nn.ModuleList(terms or [])
         self.term_names = unique_names(list(self.terms))

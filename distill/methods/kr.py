@@ -32,7 +32,8 @@ reading (METHODS.md §6, [chosen]), not the paper's verified algorithm.
 standard deviation the student conv had at initialisation. Only conv weights get priors (not biases,
 norms or the classifier). The student starts from its priors (``init_from_prior``, default on: it
 is METHODS.md's reading, and the authors' related patent hands the shrunk teacher filters to the
-student; the penalty then starts at zero and pulls back only what drifts). The penalty β·R is logged as ``train/loss_kr``; ``train/kr_mask_density``,
+student; the penalty then starts at zero and pulls back only what drifts). The penalty β·R is logged
+as ``train/loss_kr``; ``train/kr_mask_density``,
 ``train/kr_distance`` and ``train/kr_distance_masked`` (mean |W_S − W_D| over all / masked entries)
 at every epoch end.
 
@@ -42,10 +43,12 @@ rescaling reads each rank's own student initialisation (different ranks draw dif
 run is not seeded): rank 0's priors and masks are broadcast once at fit start, and DDP's per-step
 buffer broadcast skips them. The teacher stays an unregistered attribute (TeacherMixin).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from fnmatch import fnmatchcase
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -136,7 +139,9 @@ def _match_in_group(student: list[_Conv], teacher: list[_Conv], level: str) -> l
     return matched
 
 
-def _matches(student: StagedNet, teacher: StagedNet, level: str, match_kernel_size: bool) -> list[tuple[str, _Conv, list[_Conv]]]:
+def _matches(
+    student: StagedNet, teacher: StagedNet, level: str, match_kernel_size: bool
+) -> list[tuple[str, _Conv, list[_Conv]]]:
     s_names = {id(m): n for n, m in student.named_modules()}
     t_names = {id(m): n for n, m in teacher.named_modules()}
     s_groups, t_groups = network_groups(student), network_groups(teacher)
@@ -175,7 +180,10 @@ def match_layers(
             raise ValueError(f"layers: pattern {pattern!r} selects no student conv; the convs are {', '.join(keys)}")
     return [
         LayerMatch(
-            label, conv.name, tuple(conv.conv.weight.shape), tuple(t.name for t in teachers),
+            label,
+            conv.name,
+            tuple(conv.conv.weight.shape),
+            tuple(t.name for t in teachers),
             tuple(tuple(t.conv.weight.shape) for t in teachers),
             bool(teachers) and any(fnmatchcase(key, p) for p in layers),
         )
@@ -197,16 +205,24 @@ def format_matching(matches: Sequence[LayerMatch]) -> str:
     lines = [f"{'group':<7} {'student conv':<28} {'shape':<16} {'teacher conv(s)':<52} {'shape':<16} prior"]
     for m in matches:
         t_shapes = " / ".join(dict.fromkeys(shape(s) for s in m.teacher_shapes)) or "-"
-        lines.append(f"{m.group:<7} {m.student:<28} {shape(m.student_shape):<16} {teachers(m.teachers):<52} {t_shapes:<16} {'yes' if m.penalised else 'no'}")
+        lines.append(
+            f"{m.group:<7} {m.student:<28} {shape(m.student_shape):<16} {teachers(m.teachers):<52} "
+            f"{t_shapes:<16} {'yes' if m.penalised else 'no'}"
+        )
     return "\n".join(lines)
 
 
-def aggregate_prior(student: nn.Conv2d, teachers: Sequence[nn.Conv2d], grouping: Grouping, shrink: Shrink, seed: int) -> torch.Tensor:
+def aggregate_prior(
+    student: nn.Conv2d, teachers: Sequence[nn.Conv2d], grouping: Grouping, shrink: Shrink, seed: int
+) -> torch.Tensor:
     """The mean of the teacher convs' weights, each aggregated to the student conv's shape (float64,
     not yet rescaled)."""
-    return torch.stack([
-        aggregate_weight(t.weight, t.groups, student.weight.shape, student.groups, grouping, shrink, seed) for t in teachers
-    ]).mean(0)
+    return torch.stack(
+        [
+            aggregate_weight(t.weight, t.groups, student.weight.shape, student.groups, grouping, shrink, seed)
+            for t in teachers
+        ]
+    ).mean(0)
 
 
 def _buffer_key(name: str) -> str:
@@ -286,7 +302,9 @@ class KR(OfflineKD):
                     conv.weight.copy_(value)
         # Rank 0's buffers are broadcast once (on_fit_start), not at every step.
         self._ddp_params_and_buffers_to_ignore = [
-            f"{holder}.{key}" for holder in ("priors", "prior_masks") for key, _ in getattr(self, holder).named_buffers()
+            f"{holder}.{key}"
+            for holder in ("priors", "prior_masks")
+            for key, _ in getattr(self, holder).named_buffers()
         ]
 
     def prior_tensors(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
@@ -301,7 +319,10 @@ class KR(OfflineKD):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit":
-            rank_zero_info(f"KR layer matching ({self.hparams.teacher} -> {self.hparams.student}):\n{format_matching(self.matching)}")
+            rank_zero_info(
+                f"KR layer matching ({self.hparams.teacher} -> {self.hparams.student}):\n"
+                f"{format_matching(self.matching)}"
+            )
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

@@ -5,10 +5,12 @@ Two modules: :class:`SlimmableSupervised` trains a teacher's weight-sharing widt
 whole, over any offline base method. The stages, the teacher width of each and the cyclic LR are
 set by the :class:`~distill.callbacks.pwkd.PWKDStages` callback.
 """
+
 from __future__ import annotations
 
 import copy
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +35,8 @@ def reject_sync_batchnorm(model: nn.Module) -> None:
     """Per-width BatchNorms do not survive ``sync_batchnorm=True`` (it replaces them with one SyncBatchNorm)."""
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
         raise ValueError(
-            "trainer.sync_batchnorm=True is not supported with slimmable networks (it merges their per-width BatchNorms)"
+            "trainer.sync_batchnorm=True is not supported with slimmable networks "
+            "(it merges their per-width BatchNorms)"
         )
 
 
@@ -223,9 +226,13 @@ class PWKD(OfflineKD):
         if not self.stage_teacher_weights:
             return self._load_slimmable(name, weights.format(teacher=name) if weights else None, model_kwargs)
         if weights:
-            raise ValueError("PWKD takes teacher_weights or stage_teacher_weights, not both (set teacher_weights: null)")
-        loaded = [self._load_slimmable(name, path.format(teacher=name), model_kwargs, "stage_teacher_weights")
-                  for path in self.stage_teacher_weights]
+            raise ValueError(
+                "PWKD takes teacher_weights or stage_teacher_weights, not both (set teacher_weights: null)"
+            )
+        loaded = [
+            self._load_slimmable(name, path.format(teacher=name), model_kwargs, "stage_teacher_weights")
+            for path in self.stage_teacher_weights
+        ]
         self.stage_teachers = [teacher for teacher, _ in loaded]
         info = {key: [record[key] for _, record in loaded] for key in ("weights", "sha256", "widths")}
         return self.stage_teachers[0], {"arch": name, **info}
@@ -238,7 +245,9 @@ class PWKD(OfflineKD):
             else:
                 make_slimmable(teacher, DEFAULT_WIDTHS, self.image_size)
 
-        teacher, info = build_teacher(name, path, self.num_classes, self.in_chans, model_kwargs, load=load, weights_key=key)
+        teacher, info = build_teacher(
+            name, path, self.num_classes, self.in_chans, model_kwargs, load=load, weights_key=key
+        )
         info["widths"] = trained_widths(path, teacher.slimmable_widths) if path else list(teacher.slimmable_widths)
         return teacher, info
 
@@ -281,7 +290,9 @@ class PWKD(OfflineKD):
                 )
         if self.stage_widths is not None:
             if tuple(widths) != self.stage_widths:
-                raise ValueError(f"PWKD stages changed from {list(self.stage_widths)} to {list(widths)} on the same module")
+                raise ValueError(
+                    f"PWKD stages changed from {list(self.stage_widths)} to {list(widths)} on the same module"
+                )
             return
         self.stage_widths = tuple(widths)
         for term in self.terms:
@@ -327,7 +338,8 @@ class PWKD(OfflineKD):
         return built
 
     def enter_stage(self, stage: int, width: float) -> None:
-        """Run the stage's teacher and the connectors at ``width``; on entering a new stage, reset CRD's teacher memory."""
+        """Run the stage's teacher and the connectors at ``width``; on entering a new stage, reset CRD's
+        teacher memory."""
         if self.stage_teachers:
             object.__setattr__(self, "teacher", self.stage_teachers[stage])
         set_width(self.teacher, width)

@@ -18,6 +18,7 @@ resume. The teacher stays unregistered (DESIGN.md), so DDP neither broadcasts it
 floating-point buffers are averaged over the ranks after every training step, so the ranks agree
 (for the running means this equals the statistics of the global batch).
 """
+
 from __future__ import annotations
 
 import copy
@@ -94,7 +95,7 @@ class KnowledgeBridge(nn.Module):
 
     def forward(self, x: torch.Tensor) -> StagedOutput:
         outputs = []
-        for stage in list(self.net.stages)[self.first_stage:]:
+        for stage in list(self.net.stages)[self.first_stage :]:
             x = stage(x)
             outputs.append(x)
         head = self.net.head
@@ -165,11 +166,22 @@ class SOKD(OfflineKD):
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         # The terms are built below, once the KBM exists: its output is their feature target.
-        super().__init__(student=student, teacher=teacher, teacher_weights=teacher_weights, terms=None,
-                         ce_weight=ce_weight, student_kwargs=student_kwargs, teacher_kwargs=teacher_kwargs, **kwargs)
+        super().__init__(
+            student=student,
+            teacher=teacher,
+            teacher_weights=teacher_weights,
+            terms=None,
+            ce_weight=ce_weight,
+            student_kwargs=student_kwargs,
+            teacher_kwargs=teacher_kwargs,
+            **kwargs,
+        )
         self.loss_weights = dict(
-            ce_weight=ce_weight, kl_weight=kl_weight, kbm_ce_weight=kbm_ce_weight,
-            kbm_teacher_kl_weight=kbm_teacher_kl_weight, kbm_student_kl_weight=kbm_student_kl_weight,
+            ce_weight=ce_weight,
+            kl_weight=kl_weight,
+            kbm_ce_weight=kbm_ce_weight,
+            kbm_teacher_kl_weight=kbm_teacher_kl_weight,
+            kbm_student_kl_weight=kbm_student_kl_weight,
         )
         self.temperature, self.teacher_bn, self.kbm_lr = temperature, teacher_bn, kbm_lr
         self.teacher_train_mode = teacher_bn == "train"

@@ -27,11 +27,13 @@ momentum nor weight decay moves them. ``requires_grad`` never changes. Every pha
 parameters unused, so multi-GPU runs need ``trainer.strategy: ddp_find_unused_parameters_true``;
 plain ``ddp`` is refused at start-up.
 """
+
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -74,14 +76,21 @@ def plan_phases(plan: str, num_stages: int, head_trains: str, freeze_earlier_sta
     head = Phase("head", head_first, k + 1, (), ce=True)
     if plan == "joint_mimic":
         return [Phase("all stages", 0, k - 1, tuple(range(k)), ce=False), head]
-    return [Phase(f"stage {i + 1}", 0 if not freeze_earlier_stages else i, i, (i,), ce=False) for i in range(k)] + [head]
+    return [Phase(f"stage {i + 1}", 0 if not freeze_earlier_stages else i, i, (i,), ce=False) for i in range(k)] + [
+        head
+    ]
 
 
 def student_parts(net: StagedNet) -> list[nn.Module]:
     """Views of ``net`` in the order of :class:`Phase` parts (built on demand: SyncBatchNorm swaps modules)."""
     stages = list(net.stages)
     head = net.head
-    return [Chain(net.stem, stages[0]), *stages[1:], head.pre, Chain(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head.classifier)]
+    return [
+        Chain(net.stem, stages[0]),
+        *stages[1:],
+        head.pre,
+        Chain(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head.classifier),
+    ]
 
 
 def make_adapter(student_channels: int, teacher_channels: int) -> nn.Module:
@@ -151,7 +160,9 @@ class SSKD(TeacherMixin, DistillModule):
             if value not in allowed:
                 raise ValueError(f"SSKD {key}={value!r}: expected one of {', '.join(allowed)}")
         self.mimic_weight = mimic_weight
-        self.student = create_model(student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {}))
+        self.student = create_model(
+            student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {})
+        )
         self.attach_teacher(*build_teacher(teacher, teacher_weights, self.num_classes, self.in_chans, teacher_kwargs))
         s_channels = stage_channels(self.student, self.in_chans, self.image_size)
         t_channels = stage_channels(self.teacher, self.in_chans, self.image_size)
@@ -213,7 +224,11 @@ class SSKD(TeacherMixin, DistillModule):
 
     def frozen_modules(self, phase: Phase) -> list[nn.Module]:
         parts = student_parts(self.student)
-        return parts[: phase.first] + parts[phase.last + 1 :] + [a for k, a in enumerate(self.adapters) if k not in phase.mimic]
+        return (
+            parts[: phase.first]
+            + parts[phase.last + 1 :]
+            + [a for k, a in enumerate(self.adapters) if k not in phase.mimic]
+        )
 
     def train(self, mode: bool = True):
         """Train mode for what the phase trains; frozen parts (BatchNorm included) stay in eval mode."""

@@ -1,4 +1,5 @@
 """Plain cross-entropy training of one zoo model: teachers and from-scratch students."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F

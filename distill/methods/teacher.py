@@ -5,10 +5,11 @@ The teacher is held as a plain attribute, not a registered child (DESIGN.md pitf
 broadcasts it, ``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.
 Device and dtype moves still reach it through :meth:`TeacherMixin._apply`.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -35,7 +36,8 @@ def build_teacher(
     it with a record of where it came from. ``weights_key`` is the argument a missing file is named by."""
     if weights and not Path(weights).is_file():
         raise FileNotFoundError(
-            f"teacher checkpoint {weights!r} ({name}) does not exist: train the teacher first (the config that sets this path "
+            f"teacher checkpoint {weights!r} ({name}) does not exist: train the teacher first "
+            "(the config that sets this path "
             f"names, in its comments, the run that writes it) or set model.init_args.{weights_key}"
         )
     teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))

@@ -1,4 +1,5 @@
 """ImageNet ResNets (He et al., 2016) and MobileNetV2 (Sandler et al., 2018) from torchvision, staged."""
+
 from __future__ import annotations
 
 import torchvision
@@ -12,8 +13,9 @@ def with_in_chans(conv: nn.Conv2d, in_chans: int) -> nn.Conv2d:
     """``conv`` itself, or a freshly initialised copy reading ``in_chans`` channels."""
     if conv.in_channels == in_chans:
         return conv
-    new = nn.Conv2d(in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-                    bias=conv.bias is not None)
+    new = nn.Conv2d(
+        in_chans, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+    )
     nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
     return new
 

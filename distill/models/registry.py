@@ -1,7 +1,8 @@
 """Create any zoo model by name: ``create_model("resnet56", num_classes=100, in_chans=3)``."""
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .staged import StagedNet
 

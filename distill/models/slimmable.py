@@ -22,12 +22,13 @@ with fewer channels, using prefix slices of the shared weights:
 
 :func:`set_width` switches the active width.
 """
+
 from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -108,8 +109,15 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d, Slimmable):
     def add_width(self, width: float, channels: int) -> None:
         """A private BatchNorm for ``width`` over the first ``channels``, starting from this one's slices."""
         like = next(self.parameters(recurse=False), self.running_mean)
-        bn = nn.BatchNorm2d(channels, self.eps, self.momentum, self.affine, self.track_running_stats,
-                            device=like.device, dtype=like.dtype)
+        bn = nn.BatchNorm2d(
+            channels,
+            self.eps,
+            self.momentum,
+            self.affine,
+            self.track_running_stats,
+            device=like.device,
+            dtype=like.dtype,
+        )
         with torch.no_grad():
             for name, tensor in bn.named_parameters(recurse=False):
                 tensor.copy_(getattr(self, name)[:channels])
@@ -207,7 +215,9 @@ def checkpoint_widths(state: dict[str, torch.Tensor]) -> tuple[float, ...]:
     return tuple(sorted(found | {1.0}))
 
 
-def load_slimmable(model: nn.Module, path: str | Path, widths: Sequence[float] | None = None, image_size: int = 32) -> nn.Module:
+def load_slimmable(
+    model: nn.Module, path: str | Path, widths: Sequence[float] | None = None, image_size: int = 32
+) -> nn.Module:
     """Make ``model`` slimmable and load ``path`` into it.
 
     A slimmable checkpoint (a ``SlimmableSupervised`` run or its state_dict) loads exactly, at the
@@ -220,6 +230,8 @@ def load_slimmable(model: nn.Module, path: str | Path, widths: Sequence[float] |
         load_weights(model, path)
         return make_slimmable(model, widths or trained, image_size)
     if widths is not None and check_widths(widths) != trained:
-        raise ValueError(f"{path} holds a slimmable network trained at widths {list(trained)}, not {list(check_widths(widths))}")
+        raise ValueError(
+            f"{path} holds a slimmable network trained at widths {list(trained)}, not {list(check_widths(widths))}"
+        )
     make_slimmable(model, trained, image_size)
     return load_weights(model, path)

@@ -6,13 +6,15 @@ and parameter names stay the classic ones (``conv1``, ``layer1.0.conv1``, ``fc``
 checkpoints use: ``stem``, ``stages`` and ``head`` are *views* built from the registered children,
 never registered themselves.
 """
+
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class StagedOutput(NamedTuple):

@@ -1,4 +1,5 @@
 """Safe weight loading: plain state_dicts or Lightning checkpoints, always ``weights_only=True``."""
+
 from __future__ import annotations
 
 import hashlib
@@ -39,19 +40,20 @@ def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, to
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle payloads and corrupt files both end here
         raise WeightLoadError(
-            f"{path}: refused to load (only tensors and plain containers are accepted, "
-            f"weights_only=True): {err}"
+            f"{path}: refused to load (only tensors and plain containers are accepted, weights_only=True): {err}"
         ) from err
     for key in ("state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
             break
     if not isinstance(obj, dict):
-        raise WeightLoadError(f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
+        raise WeightLoadError(
+            f"{path}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}"
+        )
     obj = _strip_wrappers(obj)
     if prefix is None:
         prefix = next((p for p in _NETWORK_PREFIXES if any(k.startswith(p) for k in obj)), "")
-    obj = _strip_wrappers({k[len(prefix):]: v for k, v in obj.items() if k.startswith(prefix)})
+    obj = _strip_wrappers({k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix)})
     if not obj:
         raise WeightLoadError(f"{path}: no key starts with {prefix!r}")
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
@@ -64,7 +66,7 @@ def _strip_wrappers(state: dict) -> dict:
     """Remove DDP/compile prefixes carried by every key."""
     for p in _WRAPPER_PREFIXES * 2:
         if state and all(k.startswith(p) for k in state):
-            state = {k[len(p):]: v for k, v in state.items()}
+            state = {k[len(p) :]: v for k, v in state.items()}
     return state
 
 
@@ -81,7 +83,11 @@ def load_weights(model: nn.Module, path: str | Path, prefix: str | None = None, 
     ]
     if mismatched or (strict and (missing or unexpected)):
         lines = [f"{path} does not fit {type(model).__name__}:"]
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for label, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if keys:
                 lines.append(f"  {label} ({len(keys)}): " + ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
         raise WeightLoadError("\n".join(lines))

@@ -16,6 +16,7 @@ Networks: ``student`` is the method's trained network (``student.`` or, for ``Su
 width; at width 1.0 the state_dict is the ordinary architecture's, at a narrower one it is the whole
 slimmable state_dict (load it with ``distill.models.slimmable.load_slimmable``, then ``set_width``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,13 @@ class Network:
 
     def metadata(self, network: str) -> dict:
         return {
-            "arch": self.arch, "network": network, "num_classes": self.num_classes, "in_chans": self.in_chans,
-            "image_size": self.image_size, "width": self.width, "source": str(self.source),
+            "arch": self.arch,
+            "network": network,
+            "num_classes": self.num_classes,
+            "in_chans": self.in_chans,
+            "image_size": self.image_size,
+            "width": self.width,
+            "source": str(self.source),
             "source_sha256": file_sha256(self.source),
         }
 
@@ -126,7 +132,9 @@ def load_network(
     return Network(model.eval(), arch, width=width, source=path, **shape)
 
 
-def export(net: Network, out: str | Path, formats=FORMATS, network: str = "student", name: str | None = None) -> dict[str, Path]:
+def export(
+    net: Network, out: str | Path, formats=FORMATS, network: str = "student", name: str | None = None
+) -> dict[str, Path]:
     """Write ``net`` in every format of ``formats`` to ``out``; return ``{format: path}``."""
     unknown = set(formats) - set(FORMATS)
     if unknown:
@@ -142,7 +150,11 @@ def export(net: Network, out: str | Path, formats=FORMATS, network: str = "stude
         from safetensors.torch import save_file
 
         tensors = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-        save_file(tensors, paths["safetensors"], {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()})
+        save_file(
+            tensors,
+            paths["safetensors"],
+            {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()},
+        )
     example = net.example()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript and the TorchScript-based ONNX exporter
@@ -152,8 +164,13 @@ def export(net: Network, out: str | Path, formats=FORMATS, network: str = "stude
             torch.jit.save(torch.jit.trace(net.model, example), str(paths["torchscript"]))
         if "onnx" in paths:  # the TorchScript-based exporter: the dynamo one needs onnxscript
             torch.onnx.export(
-                net.model, (example,), str(paths["onnx"]), dynamo=False, input_names=["images"],
-                output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+                net.model,
+                (example,),
+                str(paths["onnx"]),
+                dynamo=False,
+                input_names=["images"],
+                output_names=["logits"],
+                dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             )
     info = out / f"{stem}.json"
     info.write_text(json.dumps({**metadata, "files": {k: p.name for k, p in paths.items()}}, indent=2) + "\n")
@@ -173,7 +190,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-chans", type=int)
     parser.add_argument("--image-size", type=int, help="input side used to trace (default: the run's)")
     args = parser.parse_args(argv)
-    net = load_network(args.checkpoint, args.network, args.width, args.arch, args.num_classes, args.in_chans, args.image_size)
+    net = load_network(
+        args.checkpoint, args.network, args.width, args.arch, args.num_classes, args.in_chans, args.image_size
+    )
     for path in export(net, args.out, args.formats, args.network, args.name).values():
         print(path)
 

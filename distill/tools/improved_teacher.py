@@ -8,6 +8,7 @@ last stages and head. ``load_weights`` reads it and every method accepts it as `
 
     python -m distill.tools.improved_teacher runs/.../checkpoints/last.ckpt improved_teacher.pt
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,9 @@ def improved_teacher_state_dict(
         )
     state = read_state_dict(weights)
     state.update(record["teacher_buffers"] or {})
-    state.update({k[len(KBM_STATE_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(KBM_STATE_PREFIX)})
+    state.update(
+        {k[len(KBM_STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(KBM_STATE_PREFIX)}
+    )
     model = create_model(
         teacher["arch"], num_classes=record["num_classes"], in_chans=record["in_chans"], **record["teacher_kwargs"]
     )

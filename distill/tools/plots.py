@@ -5,6 +5,7 @@
   where a run logs a ``stage``/``phase`` metric (PWKD ``pwkd/stage``, SSKD ``phase``).
 - ``lr_<...>.png``: the learning rate per optimiser step of every method (its first run).
 """
+
 from __future__ import annotations
 
 import re
@@ -24,7 +25,9 @@ def row_slug(row: Row) -> str:
 
 def method_cells(table: Table, row: Row) -> dict[str, Cell]:
     """The row's cells to plot: every method and the student from scratch, not the teacher."""
-    return {c: table.cells[row, c] for c in table.columns[row[0]] if (row, c) in table.cells and not c.startswith("teacher")}
+    return {
+        c: table.cells[row, c] for c in table.columns[row[0]] if (row, c) in table.cells and not c.startswith("teacher")
+    }
 
 
 def shade_stages(ax, starts: list[int], end: float) -> None:
@@ -51,8 +54,14 @@ def val_top1_figure(table: Table, row: Row) -> Figure:
         last_epoch = max([last_epoch, *epochs])
         (line,) = ax.plot(epochs, [statistics.fmean(per_epoch[e]) for e in epochs], label=f"{method} (n={cell.n})")
         if cell.n > 1:
-            ax.fill_between(epochs, [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs],
-                            color=line.get_color(), alpha=0.2, lw=0)
+            ax.fill_between(
+                epochs,
+                [min(per_epoch[e]) for e in epochs],
+                [max(per_epoch[e]) for e in epochs],
+                color=line.get_color(),
+                alpha=0.2,
+                lw=0,
+            )
     shade_stages(ax, sorted(starts), last_epoch)
     ax.set(xlabel="epoch", ylabel="val top-1 (%)", title=row_label(row) + (" (stages shaded)" if starts else ""))
     ax.grid(alpha=0.3)

@@ -17,6 +17,7 @@ differ in anything but the seed, paths and workers (model, data, epochs, and the
 ``sskd (plan=joint)``. ``--out`` also writes ``results.csv`` (one line per cell) and the plots of
 :mod:`distill.tools.plots`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -258,7 +259,13 @@ def format_time(cell: Cell | None) -> str:
     seconds = None if cell is None else cell.mean("seconds")
     if seconds is None:
         return "" if cell is None else f"n/a ×{cell.n}"
-    text = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    text = (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
     return f"{text} ×{cell.n}"
 
 
@@ -273,12 +280,27 @@ def to_markdown(table: Table) -> str:
             lines += ["", f"### {title}", "", "| teacher → student | " + " | ".join(columns) + " |"]
             lines.append("|---" * (len(columns) + 1) + "|")
             for row in rows:
-                lines.append(f"| {row_label(row)} | " + " | ".join(fmt(table.cells.get((row, c))) for c in columns) + " |")
+                lines.append(
+                    f"| {row_label(row)} | " + " | ".join(fmt(table.cells.get((row, c))) for c in columns) + " |"
+                )
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("dataset", "teacher", "student", "method", "n", "seeds", "last_mean", "last_std", "best_mean",
-              "best_std", "seconds_mean", "unfinished", "runs")
+CSV_FIELDS = (
+    "dataset",
+    "teacher",
+    "student",
+    "method",
+    "n",
+    "seeds",
+    "last_mean",
+    "last_std",
+    "best_mean",
+    "best_std",
+    "seconds_mean",
+    "unfinished",
+    "runs",
+)
 
 
 def to_csv(table: Table, root: str | Path | None = None) -> str:
@@ -295,14 +317,23 @@ def to_csv(table: Table, root: str | Path | None = None) -> str:
             cell = table.cells.get((row, column))
             if cell is None:
                 continue
-            writer.writerow({
-                "dataset": row[0], "teacher": row[1] or "", "student": row[2], "method": column, "n": cell.n,
-                "seeds": ";".join("" if r.seed is None else str(r.seed) for r in cell.runs),
-                "last_mean": num(cell.mean("last")), "last_std": num(cell.std("last")),
-                "best_mean": num(cell.mean("best")), "best_std": num(cell.std("best")),
-                "seconds_mean": num(cell.mean("seconds")), "unfinished": cell.unfinished,
-                "runs": ";".join(str(r.path.relative_to(root) if root else r.path) for r in cell.runs),
-            })
+            writer.writerow(
+                {
+                    "dataset": row[0],
+                    "teacher": row[1] or "",
+                    "student": row[2],
+                    "method": column,
+                    "n": cell.n,
+                    "seeds": ";".join("" if r.seed is None else str(r.seed) for r in cell.runs),
+                    "last_mean": num(cell.mean("last")),
+                    "last_std": num(cell.std("last")),
+                    "best_mean": num(cell.mean("best")),
+                    "best_std": num(cell.std("best")),
+                    "seconds_mean": num(cell.mean("seconds")),
+                    "unfinished": cell.unfinished,
+                    "runs": ";".join(str(r.path.relative_to(root) if root else r.path) for r in cell.runs),
+                }
+            )
     return out.getvalue()
 
 

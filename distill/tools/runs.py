@@ -4,6 +4,7 @@
 A resumed run appends to its ``metrics.csv``, so an epoch (or step) can appear twice; :func:`series`
 keeps the last value logged for each.
 """
+
 from __future__ import annotations
 
 import csv

@@ -1,4 +1,5 @@
 """The half-width MobileNetV2 of the CRD benchmark (Tian et al., 2020), after Sandler et al., 2018."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -28,10 +29,14 @@ class InvertedResidual(nn.Module):
         hidden = inp * expand_ratio
         self.use_res_connect = stride == 1 and inp == oup
         self.conv = nn.Sequential(
-            nn.Conv2d(inp, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.Conv2d(inp, hidden, 1, bias=False),
+            nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, oup, 1, bias=False), nn.BatchNorm2d(oup),
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, oup, 1, bias=False),
+            nn.BatchNorm2d(oup),
         )
 
     def forward(self, x):

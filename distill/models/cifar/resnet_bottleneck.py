@@ -1,4 +1,5 @@
 """The CIFAR ResNet-50 of the CRD benchmark (Tian et al., 2020), after He et al., 2016."""
+
 from __future__ import annotations
 
 from torch import nn

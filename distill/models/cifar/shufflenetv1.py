@@ -1,4 +1,5 @@
 """The ShuffleNetV1 of the CRD benchmark (Tian et al., 2020), after Zhang et al., 2018."""
+
 from __future__ import annotations
 
 import torch

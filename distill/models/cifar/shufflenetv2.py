@@ -1,4 +1,5 @@
 """The ShuffleNetV2 (1x) of the CRD benchmark (Tian et al., 2020), after Ma et al., 2018."""
+
 from __future__ import annotations
 
 import torch

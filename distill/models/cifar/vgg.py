@@ -1,4 +1,5 @@
 """VGG with BatchNorm of the CRD benchmark (Tian et al., 2020), after Simonyan & Zisserman, 2015."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F

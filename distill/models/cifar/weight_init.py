@@ -1,4 +1,5 @@
 """The weight initialisation of the CRD benchmark's CIFAR models (Tian et al., 2020)."""
+
 from __future__ import annotations
 
 from torch import nn

@@ -1,4 +1,5 @@
 """Wide ResNets of the CRD benchmark (Tian et al., 2020), after Zagoruyko & Komodakis, 2016."""
+
 from __future__ import annotations
 
 from torch import nn
