@@ -32,7 +32,7 @@ from distill.data import CIFAR100DataModule  # noqa: E402
 from distill.data.augment import random_crop_flip, step_generator  # noqa: E402
 from distill.data.cifar import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
 from distill.data.tensor import normalize  # noqa: E402
-from distill.losses.terms import KDTerm  # noqa: E402
+from distill.losses import KDTerm  # noqa: E402
 from distill.methods import OfflineKD  # noqa: E402
 
 PROTOCOL_EPOCHS = 240

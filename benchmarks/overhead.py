@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import clock, median, parser, print_table, write_json  # noqa: E402
 
-from distill.losses.terms import KDTerm  # noqa: E402
+from distill.losses import KDTerm  # noqa: E402
 from distill.methods import OfflineKD  # noqa: E402
 
 PAIRS = [("resnet32x4", "resnet8x4"), ("resnet56", "resnet20")]

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import CONFIGS, FAST
+from helpers import CONFIGS, FAST
 
 from distill.cli import main
 from distill.tools.runs import read_metrics, series

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import CONFIGS, FAST
+from helpers import CONFIGS, FAST
 from pytorch_lightning.plugins import TorchSyncBatchNorm
 from torch import nn
 

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import CONFIGS, FAST
+from helpers import CONFIGS, FAST
 from onnx.reference import ReferenceEvaluator
 from safetensors.torch import load_file
 

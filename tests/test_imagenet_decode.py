@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import FAST
 from fakedata import write_fake_image_folder
+from helpers import FAST
 from PIL import Image
 from rank_dump import assert_same_tensors, run_two_ranks
 from test_data import Recorder

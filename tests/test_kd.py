@@ -4,12 +4,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, FAST
 from fakedata import write_fake_cifar100
+from helpers import CONFIGS, FAST
 from rank_dump import assert_same_tensors, run_two_ranks
 
 from distill.cli import main
-from distill.losses.terms import CRDTerm, FitNetTerm, KDTerm
+from distill.losses import CRDTerm, FitNetTerm, KDTerm
 from distill.methods import OfflineKD
 from distill.models import create_model
 from distill.tools.runs import read_metrics

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CONFIGS, FAST
 from fakedata import write_fake_cifar100
+from helpers import CONFIGS, FAST
 from rank_dump import assert_same_tensors, run_two_ranks
 
 from distill.cli import build_cli, main

@@ -1,10 +1,10 @@
 """Speed switches every method honours: bf16-mixed, channels_last and in-place torch.compile."""
 
 import torch
-from conftest import CONFIGS, FAST
+from helpers import CONFIGS, FAST
 
 from distill.cli import main
-from distill.losses.terms import KDTerm
+from distill.losses import KDTerm
 from distill.methods import OfflineKD
 from distill.models import create_model
 from distill.tools.runs import read_metrics

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import CONFIGS, FAST
+from helpers import CONFIGS, FAST
 
 from distill.callbacks.preemption import PreemptionCheckpoint, save_atomically, slurm_job_id
 from distill.cli import main

@@ -8,14 +8,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import yaml
-from conftest import CONFIGS, FAST
 from fakedata import write_fake_cifar100
+from helpers import CONFIGS, FAST
 from rank_dump import assert_same_tensors, run_two_ranks
 from torch import nn
 
 from distill.callbacks.pwkd import PWKDStages
 from distill.cli import build_cli, main
-from distill.losses.terms import CRDTerm, FitNetTerm, KDTerm
+from distill.losses import CRDTerm, FitNetTerm, KDTerm
 from distill.methods import OfflineKD
 from distill.methods.pwkd import PWKD, PerStageConnector, SlicedConnector, SlimmableSupervised, reject_sync_batchnorm
 from distill.models import create_model
@@ -377,8 +377,8 @@ def test_monotone_schedule_is_one_cosine_and_base_keeps_the_configured_one(slim_
 
 def fitnet_crd_config(tmp_path) -> str:
     terms = [
-        {"class_path": "distill.losses.terms.FitNetTerm"},
-        {"class_path": "distill.losses.terms.CRDTerm", "init_args": {"num_negatives": 32}},
+        {"class_path": "distill.losses.FitNetTerm"},
+        {"class_path": "distill.losses.CRDTerm", "init_args": {"num_negatives": 32}},
     ]
     return write_config(tmp_path / "terms.yaml", {"model": {"init_args": {"ce_weight": 1.0, "terms": terms}}})
 
@@ -663,7 +663,7 @@ def narrow_args(tmp_path, teachers) -> list[str]:
                 "init_args": {
                     "teacher_weights": None,
                     "stage_teacher_weights": teachers,
-                    "terms": [{"class_path": "distill.losses.terms.FitNetTerm"}],
+                    "terms": [{"class_path": "distill.losses.FitNetTerm"}],
                 }
             }
         },

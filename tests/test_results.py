@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import yaml
-from conftest import CONFIGS, FAST
+from helpers import CONFIGS, FAST
 
 from distill.cli import main as distill
 from distill.tools import results
@@ -16,8 +16,8 @@ from distill.tools.plots import val_top1_figure
 from distill.tools.runs import read_metrics, series, stage_starts
 
 DATA = {"class_path": "distill.data.CIFAR100DataModule", "init_args": {"batch_size": 64}}
-KD = {"class_path": "distill.losses.terms.KDTerm", "init_args": {"weight": 0.9, "temperature": 4.0}}
-CRD = {"class_path": "distill.losses.terms.CRDTerm", "init_args": {"weight": 0.8}}
+KD = {"class_path": "distill.losses.KDTerm", "init_args": {"weight": 0.9, "temperature": 4.0}}
+CRD = {"class_path": "distill.losses.CRDTerm", "init_args": {"weight": 0.8}}
 
 
 def write_run(

@@ -8,13 +8,13 @@ import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from conftest import CONFIGS, FAST
 from fakedata import write_fake_cifar100
+from helpers import CONFIGS, FAST
 from rank_dump import assert_same_tensors, run_two_ranks
 
 from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
-from distill.losses.terms import FitNetTerm
+from distill.losses import FitNetTerm
 from distill.methods import OfflineKD
 from distill.methods.sokd import KBM_LOSSES, SOKD, sokd_losses
 from distill.models import WeightLoadError, create_model, load_weights

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
-from conftest import CONFIGS, FAST
 from fakedata import write_fake_cifar100
+from helpers import CONFIGS, FAST
 from pytorch_lightning.strategies import DDPStrategy
 from rank_dump import run_two_ranks
 

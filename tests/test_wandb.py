@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from conftest import CONFIGS, FAST
+from helpers import CONFIGS, FAST
 
 from distill.cli import main
 from distill.models import create_model

@@ -1,15 +1,15 @@
-"""Distillation losses: pure functions of tensors, and the terms the offline KD engine combines."""
+"""Distillation losses: one file per method, each holding its pure loss function(s) of tensors and the
+:class:`DistillTerm` the offline KD engine combines (configs name terms as ``distill.losses.<Name>Term``)."""
 
-from .at import at_loss, at_loss_stages, attention_map
-from .crd import ContrastMemory, Embed, contrast_logits, crd_loss, nce_loss
-from .dkd import dkd_loss
-from .fitnet import ConvRegressor, fitnet_loss
-from .kd import kd_loss
-from .pkt import pkt_loss
-from .rkd import rkd_loss
-from .sp import sp_loss
+from .at import ATTerm, at_loss, at_loss_stages, attention_map
+from .crd import ContrastMemory, CRDTerm, Embed, contrast_logits, crd_loss, nce_loss
+from .dkd import DKDTerm, dkd_loss
+from .fitnet import ConvRegressor, FitNetTerm, fitnet_loss
+from .kd import KDTerm, kd_loss
+from .pkt import PKTTerm, pkt_loss
+from .rkd import RKDTerm, rkd_loss
+from .sp import SPTerm, sp_loss
 from .term import DistillTerm
-from .terms import ATTerm, CRDTerm, DKDTerm, FitNetTerm, KDTerm, PKTTerm, RKDTerm, SPTerm
 
 __all__ = [
     "ATTerm",

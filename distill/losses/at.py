@@ -7,6 +7,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..models.staged import StagedOutput
+from .term import DistillTerm
+
 
 def attention_map(f: torch.Tensor, p: float = 2) -> torch.Tensor:
     """a(f) = L2-normalise(mean over channels of f^p), flattened to (B, H·W)."""
@@ -30,3 +33,23 @@ def at_loss_stages(fs: Sequence[torch.Tensor], ft: Sequence[torch.Tensor], p: fl
     if len(fs) != len(ft) or not fs:
         raise ValueError(f"AT needs as many student as teacher stage outputs, got {len(fs)} and {len(ft)}")
     return sum(at_loss(s, t, p) for s, t in zip(fs, ft))
+
+
+class ATTerm(DistillTerm):
+    """Attention transfer summed over the stage outputs (Zagoruyko & Komodakis, 2017).
+
+    Stages pair up in order; [chosen] when the networks have different stage counts, the last
+    min(n_s, n_t) stages of each are paired (the deepest stages carry the most task-specific maps).
+    """
+
+    name = "at"
+
+    def __init__(self, weight: float = 1000.0, p: float = 2.0):
+        super().__init__(weight)
+        self.p = p
+
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        n = min(len(student.stages), len(teacher.stages))
+        return at_loss_stages(student.stages[-n:], teacher.stages[-n:], self.p)

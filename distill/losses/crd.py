@@ -16,6 +16,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.staged import StagedOutput
+from .term import DistillTerm
+
 
 # ---- pure functions ----------------------------------------------------------------------------
 def contrast_logits(anchor: torch.Tensor, memory: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -262,3 +265,42 @@ class ContrastMemory(nn.Module):
             self.update(e_s, e_t, index)
             self.step += 1
         return loss
+
+
+class CRDTerm(DistillTerm):
+    """Contrastive representation distillation on the pooled embeddings (Tian et al., 2020).
+
+    Needs :meth:`setup_data` (the training labels, for the memory and the other-class negatives)
+    and the per-sample dataset ``index`` in :meth:`forward`. See :class:`ContrastMemory` for the
+    memory's project choices (sampling, DDP, checkpointing).
+    """
+
+    name = "crd"
+
+    def __init__(
+        self,
+        weight: float = 0.8,
+        feat_dim: int = 128,
+        num_negatives: int = 16384,
+        nce_temperature: float = 0.07,
+        momentum: float = 0.5,
+        seed: int = 0,
+    ):
+        super().__init__(weight)
+        self.feat_dim = feat_dim
+        self.embed_s: nn.Module | None = None
+        self.embed_t: nn.Module | None = None
+        self.memory = ContrastMemory(feat_dim, num_negatives, nce_temperature, momentum, seed)
+
+    def build(self, student: StagedOutput, teacher: StagedOutput) -> None:
+        device = student.embedding.device
+        self.embed_s = Embed(student.embedding.shape[1], self.feat_dim).to(device)
+        self.embed_t = Embed(teacher.embedding.shape[1], self.feat_dim).to(device)
+
+    def setup_data(self, targets: torch.Tensor) -> None:
+        self.memory.setup(targets)
+
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        return self.memory(self.embed_s(student.embedding), self.embed_t(teacher.embedding.detach()), index)

@@ -10,6 +10,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.staged import StagedOutput
+from .term import DistillTerm
+
 
 def _binary_log_probs(logits: torch.Tensor, gt_mask: torch.Tensor) -> torch.Tensor:
     """log [p_target, p_rest] per row, computed with logsumexp (no log of a sum of probabilities)."""
@@ -47,3 +50,27 @@ def dkd_loss(
     log_q_t = F.log_softmax(_non_target(z_t, gt_mask), dim=1)
     nckd = F.kl_div(log_q_s, log_q_t, reduction="batchmean", log_target=True)
     return (alpha * tckd + beta * nckd) * temperature**2
+
+
+class DKDTerm(DistillTerm):
+    """Decoupled KD (Zhao et al., 2022), weight warmed up linearly over ``warmup`` epochs.
+
+    The official code scales by min(epoch / warmup, 1) with epochs counted from 1; with the
+    engine's 0-based epochs that is min((epoch + 1) / warmup, 1).
+    """
+
+    name = "dkd"
+
+    def __init__(
+        self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20
+    ):
+        super().__init__(weight)
+        self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup
+
+    def weight_at(self, epoch: int) -> float:
+        return self.weight * min((epoch + 1) / self.warmup, 1.0) if self.warmup > 0 else self.weight
+
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        return dkd_loss(student.logits, teacher.logits, target, self.alpha, self.beta, self.temperature)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..models.staged import StagedOutput
+from .term import DistillTerm
 
 
 def fitnet_loss(f_s: torch.Tensor, f_t: torch.Tensor) -> torch.Tensor:
@@ -43,3 +48,40 @@ class ConvRegressor(nn.Module):
         if self.size is not None:
             x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False)
         return self.relu(self.bn(x))
+
+
+def _middle(stages: Sequence[torch.Tensor], stage: int | None) -> int:
+    return len(stages) // 2 if stage is None else stage
+
+
+class FitNetTerm(DistillTerm):
+    """FitNet hint regression (Romero et al., 2015, FitNets).
+
+    The hint is a stage output, by default the middle stage (index ``len(stages) // 2``) of each
+    network; a :class:`ConvRegressor` maps the student's hint to the teacher's shape.
+    """
+
+    name = "fitnet"
+
+    def __init__(
+        self,
+        weight: float = 100.0,
+        student_stage: int | None = None,
+        teacher_stage: int | None = None,
+        relu: bool = True,
+    ):
+        super().__init__(weight)
+        self.student_stage, self.teacher_stage, self.relu = student_stage, teacher_stage, relu
+        self.regressor: nn.Module | None = None
+
+    def build(self, student: StagedOutput, teacher: StagedOutput) -> None:
+        f_s = student.stages[_middle(student.stages, self.student_stage)]
+        f_t = teacher.stages[_middle(teacher.stages, self.teacher_stage)]
+        self.regressor = ConvRegressor(tuple(f_s.shape[1:]), tuple(f_t.shape[1:]), self.relu).to(f_s.device)
+
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        f_s = student.stages[_middle(student.stages, self.student_stage)]
+        f_t = teacher.stages[_middle(teacher.stages, self.teacher_stage)]
+        return fitnet_loss(self.regressor(f_s), f_t)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..models.staged import StagedOutput
+from .term import DistillTerm
+
 
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Euclidean distance matrix of the rows of ``e`` (zero diagonal)."""
@@ -40,3 +43,18 @@ def rkd_loss(
         loss_d = F.smooth_l1_loss(_normalised_distances(s), t_d)
         loss_a = F.smooth_l1_loss(_angles(s), t_a)
         return distance_weight * loss_d + angle_weight * loss_a
+
+
+class RKDTerm(DistillTerm):
+    """Relational KD on the pooled embeddings (Park et al., 2019)."""
+
+    name = "rkd"
+
+    def __init__(self, weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0):
+        super().__init__(weight)
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+    def forward(
+        self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
+    ) -> torch.Tensor:
+        return rkd_loss(student.embedding, teacher.embedding, self.distance_weight, self.angle_weight)

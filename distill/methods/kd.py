@@ -37,7 +37,7 @@ class OfflineKD(TeacherMixin, DistillModule):
         teacher: zoo name of the teacher.
         teacher_weights: the teacher's checkpoint (a ``Supervised`` run's ``.ckpt`` or a plain
             state_dict). Required for a real experiment; ``None`` only for smoke tests.
-        terms: the base losses with their weights (``distill.losses.terms``).
+        terms: the base losses with their weights (``distill.losses``).
         ce_weight: weight of the student's cross-entropy on labels.
         student_kwargs: extra constructor arguments of the student.
         teacher_kwargs: extra constructor arguments of the teacher.
