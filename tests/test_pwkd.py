@@ -620,8 +620,8 @@ def test_narrow_teacher_trains_its_width_alone():
     module.eval()
     set_width(module.model, 0.5)
     expected = module.model(torch.ones(2, 1, 16, 16))
-    assert module.eval_names == ("",)
-    assert torch.equal(module.eval_logits(torch.ones(2, 1, 16, 16))[""], expected)  # val/top1 is the 0.5 width
+    assert module.eval_names == ("main",)
+    assert torch.equal(module.eval_logits(torch.ones(2, 1, 16, 16))["main"], expected)  # val/top1 is the 0.5 width
     assert get_width(module.model) == 1.0
     with pytest.raises(ValueError, match=r"train_widths \[0.25\] must be some of the widths \[0.5, 1.0\]"):
         SlimmableSupervised(model="resnet20", widths=[0.5, 1.0], train_widths=[0.25], num_classes=10, in_chans=1)

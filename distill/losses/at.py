@@ -43,6 +43,7 @@ class ATTerm(DistillTerm):
     """
 
     name = "at"
+    reads_teacher = frozenset({"stages"})
 
     def __init__(self, weight: float = 1000.0, p: float = 2.0):
         super().__init__(weight)

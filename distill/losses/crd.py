@@ -276,6 +276,7 @@ class CRDTerm(DistillTerm):
     """
 
     name = "crd"
+    reads_teacher = frozenset({"embedding"})
 
     def __init__(
         self,

@@ -60,6 +60,7 @@ class DKDTerm(DistillTerm):
     """
 
     name = "dkd"
+    reads_teacher = frozenset({"logits"})
 
     def __init__(
         self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20

@@ -62,6 +62,7 @@ class FitNetTerm(DistillTerm):
     """
 
     name = "fitnet"
+    reads_teacher = frozenset({"stages"})
 
     def __init__(
         self,

@@ -24,6 +24,7 @@ class KDTerm(DistillTerm):
     """KD on the logits (Hinton et al., 2015)."""
 
     name = "kd"
+    reads_teacher = frozenset({"logits"})
 
     def __init__(self, weight: float = 0.9, temperature: float = 4.0):
         super().__init__(weight)

@@ -28,6 +28,7 @@ class PKTTerm(DistillTerm):
     """Probabilistic knowledge transfer on the pooled embeddings (Passalis & Tefas, 2018)."""
 
     name = "pkt"
+    reads_teacher = frozenset({"embedding"})
 
     def __init__(self, weight: float = 30000.0):
         super().__init__(weight)

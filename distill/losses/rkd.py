@@ -49,6 +49,7 @@ class RKDTerm(DistillTerm):
     """Relational KD on the pooled embeddings (Park et al., 2019)."""
 
     name = "rkd"
+    reads_teacher = frozenset({"embedding"})
 
     def __init__(self, weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__(weight)

@@ -32,6 +32,7 @@ class SPTerm(DistillTerm):
     """
 
     name = "sp"
+    reads_teacher = frozenset({"feature"})
 
     def __init__(self, weight: float = 3000.0):
         super().__init__(weight)

@@ -13,9 +13,19 @@ from torch import nn
 
 from ..models.staged import StagedOutput
 
+TEACHER_FIELDS = frozenset(StagedOutput._fields)
+
 
 class DistillTerm(nn.Module):
+    """Base of every term.
+
+    ``reads_teacher`` names the :class:`StagedOutput` fields the term reads from the teacher; a term
+    that reads only ``logits`` can distil from stored teacher logits and from any architecture that
+    has no stages. The default is every field (the conservative answer).
+    """
+
     name: str = "term"
+    reads_teacher: frozenset[str] = TEACHER_FIELDS
 
     def __init__(self, weight: float = 1.0):
         super().__init__()

@@ -18,6 +18,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from ..models import StagedNet
 from ..schedules import MultiStep, Schedule
 
+MAIN = "main"  # the name of the network a method trains (the student): its metrics are val/top1, train/top1
+
 
 def top_k_metrics(num_classes: int) -> nn.ModuleDict:
     """Micro-averaged top-1/top-5 (torchmetrics defaults to macro for multiclass: DESIGN.md pitfall)."""
@@ -52,7 +54,7 @@ class DistillModule(pl.LightningModule):
     frozen teacher runs under the same autocast, i.e. in reduced precision.
     """
 
-    eval_names: tuple[str, ...] = ("",)  # networks evaluated: "" is the main one, others prefix metrics
+    eval_names: tuple[str, ...] = (MAIN,)  # networks evaluated; MAIN logs as val/top1, the others as val/<name>_top1
 
     def __init__(
         self,
@@ -80,7 +82,7 @@ class DistillModule(pl.LightningModule):
         self.steps_per_epoch = 1
         self.metrics = nn.ModuleDict(
             {
-                f"{split}_{name or 'main'}": top_k_metrics(num_classes)
+                f"{split}_{name}": top_k_metrics(num_classes)
                 for split in ("train", "val", "test")
                 for name in self.eval_names
             }
@@ -95,7 +97,7 @@ class DistillModule(pl.LightningModule):
 
     def eval_logits(self, images) -> dict[str, torch.Tensor]:
         """Logits of every evaluated network, keyed by ``eval_names``."""
-        return {"": self(images)}
+        return {MAIN: self(images)}
 
     def param_groups(self) -> list[dict]:
         """Parameter groups for the optimiser (one group by default)."""
@@ -157,7 +159,7 @@ class DistillModule(pl.LightningModule):
         log["lr"] = torch.tensor(self.optimizers().param_groups[0]["lr"])
         self.log_dict(log, on_step=True, on_epoch=True, batch_size=len(targets))
         if logits is not None:  # a phase without labels (SSKD's backbone phases) computes no logits
-            self._log_accuracy("train", {"": logits.detach()}, targets)
+            self._log_accuracy("train", {MAIN: logits.detach()}, targets)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -172,8 +174,8 @@ class DistillModule(pl.LightningModule):
 
     def _log_accuracy(self, split: str, logits: dict[str, torch.Tensor], targets: torch.Tensor) -> None:
         for name, value in logits.items():
-            metrics = self.metrics[f"{split}_{name or 'main'}"]
-            prefix = f"{split}/{name}_" if name else f"{split}/"
+            metrics = self.metrics[f"{split}_{name}"]
+            prefix = f"{split}/" if name == MAIN else f"{split}/{name}_"
             for k, metric in metrics.items():
                 metric.update(value, targets)  # computed once per epoch when logged
                 self.log(f"{prefix}{k}", metric, on_step=False, on_epoch=True, batch_size=len(targets))
@@ -187,12 +189,12 @@ class DistillModule(pl.LightningModule):
         if self.trainer.sanity_checking:
             return
         for name in self.eval_names:
-            if not name and not self.selects_best:
+            if name == MAIN and not self.selects_best:
                 continue
-            metric = self.metrics[f"val_{name or 'main'}"]["top1"]
+            metric = self.metrics[f"val_{name}"]["top1"]
             if metric.update_count == 0:
                 continue
-            key = f"val/{name}_top1" if name else "val/top1"
+            key = "val/top1" if name == MAIN else f"val/{name}_top1"
             self.best[key] = max(self.best.get(key, -1.0), float(metric.compute()))
             self.log(f"{key}_best", self.best[key])
 

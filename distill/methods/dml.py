@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from ..losses.kd import kd_loss
 from ..models import create_model
-from .base import DistillModule
+from .base import MAIN, DistillModule
 
 
 class DML(DistillModule):
@@ -23,7 +23,7 @@ class DML(DistillModule):
     kl_weight: weight of each network's KL to its partner.
     """
 
-    eval_names = ("", "peer")
+    eval_names = (MAIN, "peer")
 
     def __init__(
         self,
@@ -44,7 +44,7 @@ class DML(DistillModule):
         return self.student(images)
 
     def eval_logits(self, images):
-        return {"": self.student(images), "peer": self.peer(images)}
+        return {MAIN: self.student(images), "peer": self.peer(images)}
 
     def training_losses(self, images, targets, index):
         a, b = self.student(images), self.peer(images)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..losses.term import DistillTerm
 from ..models import create_model
-from .base import DistillModule
+from .base import MAIN, DistillModule
 from .teacher import TeacherMixin, build_teacher
 
 
@@ -43,7 +43,7 @@ class OfflineKD(TeacherMixin, DistillModule):
         teacher_kwargs: extra constructor arguments of the teacher.
     """
 
-    eval_names = ("", "teacher")  # the teacher's val top-1 is measured in the first validation
+    eval_names = (MAIN, "teacher")  # the teacher's val top-1 is measured in the first validation
 
     def __init__(
         self,
@@ -92,7 +92,7 @@ class OfflineKD(TeacherMixin, DistillModule):
         return self.student(images)
 
     def eval_logits(self, images):
-        return {"": self.student(images), **self.teacher_eval_logits(images)}
+        return {MAIN: self.student(images), **self.teacher_eval_logits(images)}
 
     def training_losses(self, images, targets, index):
         s = self.student(images, features=True)

@@ -20,7 +20,7 @@ from torch import nn
 from ..losses.crd import ContrastMemory
 from ..models import create_model
 from ..models.slimmable import DEFAULT_WIDTHS, check_widths, load_slimmable, make_slimmable, set_width, width_name
-from .base import DistillModule
+from .base import MAIN, DistillModule
 from .kd import OfflineKD
 from .teacher import build_teacher
 
@@ -79,7 +79,7 @@ class SlimmableSupervised(DistillModule):
             raise ValueError(f"train_widths {list(self.train_widths)} must be some of the widths {list(self.widths)}")
         if sandwich and self.train_widths[-1] != 1.0:
             raise ValueError("sandwich needs the whole width among train_widths (it teaches the narrower ones)")
-        self.eval_names = ("",) + tuple(width_name(w) for w in self.train_widths[:-1])  # read by the base's metrics
+        self.eval_names = (MAIN,) + tuple(width_name(w) for w in self.train_widths[:-1])  # read by the base's metrics
         super().__init__(**kwargs)
         self.save_hyperparameters()
         self.sandwich, self.inplace_temperature = sandwich, inplace_temperature
@@ -116,7 +116,7 @@ class SlimmableSupervised(DistillModule):
         logits = {}
         for width in self.train_widths:
             set_width(self.model, width)
-            logits["" if width == self.train_widths[-1] else width_name(width)] = self.model(images)
+            logits[MAIN if width == self.train_widths[-1] else width_name(width)] = self.model(images)
         set_width(self.model, 1.0)
         return logits
 

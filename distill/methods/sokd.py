@@ -31,6 +31,7 @@ from torch import nn
 from ..losses.kd import kd_loss
 from ..losses.term import DistillTerm
 from ..models import StagedNet, StagedOutput, create_model
+from .base import MAIN
 from .kd import OfflineKD, unique_names
 
 KBM_STATE_PREFIX = "kbm.net."  # + a teacher state_dict key = the KBM's key in the method's state_dict
@@ -137,7 +138,7 @@ class SOKD(OfflineKD):
         kbm_lr: the KBM group's base LR; ``None`` = ``lr`` (official recipe: 0.1 for both).
     """
 
-    eval_names = ("", "kbm", "teacher")  # student, improved teacher, teacher: every validation
+    eval_names = (MAIN, "kbm", "teacher")  # student, improved teacher, teacher: every validation
 
     def __init__(
         self,
@@ -242,7 +243,7 @@ class SOKD(OfflineKD):
         with torch.no_grad():
             t = self.teacher(images, features=True)
             kbm = self.kbm(t.stages[self.first_stage - 1]).logits
-        return {"": self.student(images), "kbm": kbm, "teacher": t.logits}
+        return {MAIN: self.student(images), "kbm": kbm, "teacher": t.logits}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.teacher_bn == "train" and self.trainer.world_size > 1:

@@ -42,7 +42,7 @@ from torch import nn
 
 from ..models import StagedNet, create_model, stage_channels
 from ..models.staged import Chain
-from .base import DistillModule
+from .base import MAIN, DistillModule
 from .teacher import TeacherMixin, build_teacher
 
 PLANS = ("stage_by_stage", "joint_mimic", "joint_ce")
@@ -139,7 +139,7 @@ class SSKD(TeacherMixin, DistillModule):
         teacher_kwargs: extra constructor arguments of the teacher.
     """
 
-    eval_names = ("", "teacher")  # the student's val/top1 is not meaningful before the head phase
+    eval_names = (MAIN, "teacher")  # the student's val/top1 is not meaningful before the head phase
 
     def __init__(
         self,
@@ -274,7 +274,7 @@ class SSKD(TeacherMixin, DistillModule):
         return self.student(images)
 
     def eval_logits(self, images):
-        return {"": self.student(images), **self.teacher_eval_logits(images)}
+        return {MAIN: self.student(images), **self.teacher_eval_logits(images)}
 
     def run_student(self, images: torch.Tensor, phase: Phase) -> tuple[list[torch.Tensor], torch.Tensor | None]:
         """Stage outputs up to ``phase.last`` and the logits when the classifier runs; parts before
