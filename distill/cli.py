@@ -13,41 +13,35 @@
   monitored metric improved.
 - ``--preemption.*`` (on by default): on SIGTERM or SIGUSR1 the fit checkpoints ``last.ckpt`` at the end
   of the current step and stops; resuming from it is exact (``distill.callbacks.preemption``).
+- ``--stages.*``: the stage plan of every fit (:class:`~distill.callbacks.stages.StagePlan`): the epochs
+  of each stage the method declares and the LR within it; one field at a time from any config file.
 """
 
 from __future__ import annotations
 
-import csv
 import sys
 from pathlib import Path
 
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningCLI
-from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.loggers.csv_logs import ExperimentWriter
-from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 from .callbacks.best_checkpoint import BestCheckpoint
 from .callbacks.preemption import PreemptionCheckpoint
 from .callbacks.run_summary import RunSummary
+from .callbacks.stages import StagePlan
 from .data.base import ClassificationDataModule
 from .methods.base import DistillModule
-from .models.slimmable import width_name
+from .methods.card import method_class
 
 LINKED = ("num_classes", "in_chans", "image_size")
 
 
 def default_run_name(config) -> str:
-    """``<dataset>/<method>/<networks>`` from the resolved config, e.g. ``cifar100/offlinekd/resnet32x4-resnet8x4``.
-
-    A slimmable network trained at some of its widths only is named after them (``resnet56-w0_25``).
-    """
+    """``<dataset>/<method>/<networks>`` from the resolved config, e.g. ``cifar100/offlinekd/resnet32x4-resnet8x4``;
+    the networks are those the method's card names (:meth:`~distill.methods.base.DistillModule.card`)."""
     dataset = config.data.class_path.rsplit(".", 1)[-1].removesuffix("DataModule").lower()
-    method = config.model.class_path.rsplit(".", 1)[-1].lower()
-    args = config.model.init_args
-    nets = [args.get(key) for key in ("model", "teacher", "student", "peer") if args.get(key)]
-    nets += [width_name(w) for w in args.get("train_widths") or ()]
-    return "/".join([dataset, method, "-".join(nets)])
+    cls = method_class(config.model.class_path)
+    return "/".join([dataset, cls.__name__.lower(), "-".join(cls.card(config.model.init_args).name_parts)])
 
 
 def resumed_run(ckpt_path: str | None, save_dir: str) -> tuple[str, str] | None:
@@ -64,27 +58,6 @@ def resumed_run(ckpt_path: str | None, save_dir: str) -> tuple[str, str] | None:
     return str(name), version_dir.name
 
 
-class _AppendingWriter(ExperimentWriter):
-    def _check_log_dir_exists(self) -> None:
-        """Keep an existing ``metrics.csv`` and its columns (Lightning's writer deletes it)."""
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
-                self.metrics_keys = next(csv.reader(handle), [])
-
-
-class ResumableCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that a fit resumed in its run directory appends to ``metrics.csv``
-    instead of deleting the epochs logged before the resume."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment
-
-
 class DistillCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         for key in LINKED:
@@ -93,6 +66,7 @@ class DistillCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "last_checkpoint")
         parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
         parser.add_lightning_class_args(RunSummary, "run_summary")
+        parser.add_lightning_class_args(StagePlan, "stages")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/top1",
@@ -103,7 +77,7 @@ class DistillCLI(LightningCLI):
                 "last_checkpoint.enable_version_counter": False,
                 "trainer.default_root_dir": "runs",
                 "trainer.logger": {
-                    "class_path": "distill.cli.ResumableCSVLogger",
+                    "class_path": "distill.loggers.ResumableCSVLogger",
                     "init_args": {"save_dir": "runs", "name": None},
                 },
             }

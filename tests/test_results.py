@@ -11,6 +11,7 @@ import yaml
 from helpers import CONFIGS, FAST
 
 from distill.cli import main as distill
+from distill.methods.card import method_class
 from distill.tools import results
 from distill.tools.plots import val_top1_figure
 from distill.tools.runs import read_metrics, series, stage_starts
@@ -54,7 +55,7 @@ def supervised(arch):
 
 def write_fake_runs(root):
     """resnet56 → resnet20: teacher, student (unfinished), KD × 2 seeds (seed 1 resumed mid-run, seed 0
-    re-run for one epoch), PWKD over KD × 2 seeds with a ``pwkd/stage`` column (stage 1 from epoch 2)."""
+    re-run for one epoch), PWKD over KD × 2 seeds with a ``stage`` column (stage 1 from epoch 2)."""
     write_run(root / "teacher", supervised("resnet56"), [(0, 0.75), (1, 0.76)])
     write_run(root / "student", supervised("resnet20"), [(0, 0.61), (1, 0.60)], max_epochs=3)
     write_run(root / "kd/version_0", offline_kd([KD]), [(0, 0.60), (1, 0.70), (2, 0.68)], seed=0, seconds=3600)
@@ -62,8 +63,8 @@ def write_fake_runs(root):
     write_run(
         root / "kd/version_2", offline_kd([KD]), [(0, 0.55), (1, 0.50), (1, 0.65), (2, 0.66)], seed=1, seconds=5400
     )
-    stages = {e: {"pwkd/stage": s} for e, s in enumerate([0, 0, 1, 1])}
-    pwkd = offline_kd([KD], cls="distill.methods.pwkd.PWKD")
+    stages = {e: {"stage": s} for e, s in enumerate([0, 0, 1, 1])}
+    pwkd = offline_kd([KD], cls="distill.methods.PWKD")
     write_run(root / "pwkd/a", pwkd, [(0, 0.50), (1, 0.60), (2, 0.70), (3, 0.72)], seed=0, extra=stages)
     write_run(root / "pwkd/b", pwkd, [(0, 0.50), (1, 0.62), (2, 0.69), (3, 0.74)], seed=1, extra=stages)
     return root
@@ -126,10 +127,29 @@ def test_cli_prints_table_and_writes_files_and_plots(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def card_of(model: dict):
+    return method_class(model["class_path"]).card(model["init_args"])
+
+
+def test_methods_describe_their_runs():
+    """Columns and run names come from the method classes, not from the tools."""
+    assert card_of(offline_kd([KD, CRD])).column == "crd+kd"
+    assert card_of(offline_kd([KD], "distill.methods.KR")).column == "kr:kd"
+    assert card_of(offline_kd([KD])).name_parts == ("resnet56", "resnet20")
+    dml = card_of({"class_path": "distill.methods.DML", "init_args": {"student": "resnet20"}})
+    assert (dml.column, dml.student_column, dml.teacher, dml.name_parts) == ("dml", "dml", None, ("resnet20",) * 2)
+    scratch = card_of(supervised("resnet20"))
+    assert (scratch.student_column, scratch.teacher_column, scratch.name_parts) == ("student", "teacher", ("resnet20",))
+    slim = card_of(
+        {
+            "class_path": "distill.methods.SlimmableSupervised",
+            "init_args": {"model": "resnet56", "train_widths": [0.25]},
+        }
+    )
+    assert (slim.teacher_column, slim.name_parts) == ("slimmable teacher", ("resnet56", "w0_25"))
+
+
 def test_methods_and_variants_come_from_the_config(tmp_path):
-    assert results.method_name(offline_kd([KD, CRD]), tmp_path) == "crd+kd"
-    assert results.method_name(offline_kd([KD], "distill.methods.kr.KR"), tmp_path) == "kr:kd"
-    assert results.method_name({"class_path": "distill.methods.DML"}, tmp_path) == "dml"
     hot = {**KD, "init_args": {"weight": 0.9, "temperature": 2.0}}
     write_run(tmp_path / "a", offline_kd([KD]), [(0, 0.5)])
     write_run(tmp_path / "b", offline_kd([hot]), [(0, 0.6)])
@@ -138,33 +158,30 @@ def test_methods_and_variants_come_from_the_config(tmp_path):
     assert table.columns["cifar100"] == ["kd (temperature=2.0)", "kd (temperature=4.0)", "dml"]
 
 
-def test_stage_callbacks_and_teacher_lists_tell_ablations_apart(tmp_path):
-    """PWKD ablations differ in the PWKDStages callback or in per-stage teacher files, not in the model."""
-    pwkd = offline_kd([KD], cls="distill.methods.pwkd.PWKD")
+def test_stage_plans_and_teacher_lists_tell_ablations_apart(tmp_path):
+    """PWKD ablations differ in the stage widths, the stage plan or per-stage teacher files."""
+    pwkd = offline_kd([KD], cls="distill.methods.PWKD")
 
-    def stages(widths):
-        return {
-            "callbacks": [
-                {"class_path": "distill.callbacks.pwkd.PWKDStages", "init_args": {"widths": widths}},
-                {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor"},
-            ]
-        }
+    def with_widths(model, widths):
+        return {**model, "init_args": {**model["init_args"], "stage_widths": widths}}
 
     narrow = {**pwkd, "init_args": {**pwkd["init_args"], "stage_teacher_weights": [f"w{k}.ckpt" for k in range(4)]}}
-    for name, model, widths in (
-        ("a", pwkd, [0.25, 0.5, 0.75, 1.0]),
-        ("b", pwkd, [1.0] * 4),
-        ("c", narrow, [0.25, 0.5, 0.75, 1.0]),
+    for name, model, widths, lr in (
+        ("a", pwkd, [0.25, 0.5, 0.75, 1.0], "own"),
+        ("b", pwkd, [1.0] * 4, "own"),
+        ("c", narrow, [0.25, 0.5, 0.75, 1.0], "own"),
+        ("d", pwkd, [0.25, 0.5, 0.75, 1.0], "monotone"),
     ):
-        write_run(tmp_path / name, model, [(0, 0.5), (1, 0.6)])
+        write_run(tmp_path / name, with_widths(model, widths), [(0, 0.5), (1, 0.6)])
         config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
-        config["trainer"].update(stages(widths))
+        config["stages"] = {"epochs": None, "lr": lr}
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
     labels = sorted(run.method for run in results.collect(tmp_path))
     assert labels == [
-        "pwkd:kd (widths=[0.25, 0.5, 0.75, 1.0], stage_teacher_weights=-)",
-        "pwkd:kd (widths=[0.25, 0.5, 0.75, 1.0], stage_teacher_weights=4 files)",
-        "pwkd:kd (widths=[1.0, 1.0, 1.0, 1.0], stage_teacher_weights=-)",
+        "pwkd:kd (stage_teacher_weights=-, stage_widths=[0.25, 0.5, 0.75, 1.0], lr=monotone)",
+        "pwkd:kd (stage_teacher_weights=-, stage_widths=[0.25, 0.5, 0.75, 1.0], lr=own)",
+        "pwkd:kd (stage_teacher_weights=-, stage_widths=[1.0, 1.0, 1.0, 1.0], lr=own)",
+        "pwkd:kd (stage_teacher_weights=4 files, stage_widths=[0.25, 0.5, 0.75, 1.0], lr=own)",
     ]
 
 

@@ -12,12 +12,14 @@ from helpers import CONFIGS, FAST
 from pytorch_lightning.strategies import DDPStrategy
 from rank_dump import run_two_ranks
 
-from distill.callbacks.sskd import PhaseMultiStep, SSKDPhases
+from distill.callbacks import StagePlan
 from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
-from distill.methods import Supervised
-from distill.methods.sskd import SSKD, mimic_loss, require_unused_parameter_search
+from distill.methods.base import require_unused_parameter_search
+from distill.methods.sskd import SSKD, mimic_loss
 from distill.models import create_model
+from distill.schedules import Constant
+from distill.stages import StagedSchedule, stage_epochs
 from distill.tools.results import load_run
 from distill.tools.runs import read_metrics
 
@@ -129,7 +131,7 @@ CASES = {
 def test_each_phase_changes_only_what_it_trains(case):
     kwargs, epochs, trained = CASES[case]
     rec = EpochRecorder()
-    fit_digits(epochs, SSKDPhases(epochs=epochs), ZeroFilledGrads(), rec, **kwargs)
+    fit_digits(epochs, StagePlan(epochs=epochs), ZeroFilledGrads(), rec, **kwargs)
     assert rec.phases == [k for k, n in enumerate(epochs) for _ in range(n)]
     start = 0
     for k, n in enumerate(epochs):
@@ -147,7 +149,7 @@ def test_each_phase_changes_only_what_it_trains(case):
 
 
 def test_step_schedule_drops_within_each_phase_and_restarts():
-    s = PhaseMultiStep([8, 4], milestones=(0.5, 0.75), gamma=0.1)
+    s = StagedSchedule([0, 8, 12], ["step", "step"], Constant(), step_milestones=(0.5, 0.75), step_gamma=0.1)
     assert [s(e) for e in (0, 3.9, 4, 6, 7.9)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
     assert [s(e) for e in (8, 9.9, 10, 11, 12.5)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
 
@@ -189,19 +191,19 @@ def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
     module = cli.model
     assert isinstance(module, SSKD)
     assert sum(not isinstance(a, torch.nn.Identity) for a in module.adapters) == adapters
-    phases = [cb for cb in cli.trainer.callbacks if isinstance(cb, SSKDPhases)]
-    assert len(phases) == 1 and phases[0].resolve_epochs(module, cli.trainer.max_epochs) == epochs
+    (plan,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, StagePlan)]
+    assert stage_epochs(module.stages(), cli.trainer.max_epochs, plan.epochs) == epochs
 
 
 @pytest.mark.parametrize(
     ("ablation", "phases", "head_first", "schedule"),
     [
-        ("joint_mimic", ["all stages", "head"], 3, "CyclicCosine"),
-        ("joint_ce", ["joint CE + mimic"], 0, "CyclicCosine"),
-        ("unfrozen", ["stage 1", "stage 2", "stage 3", "head"], 3, "CyclicCosine"),
-        ("head_and_last_stage", ["stage 1", "stage 2", "stage 3", "head"], 2, "CyclicCosine"),
-        ("classifier_only", ["stage 1", "stage 2", "stage 3", "head"], 4, "CyclicCosine"),
-        ("step_lr", ["stage 1", "stage 2", "stage 3", "head"], 3, "PhaseMultiStep"),
+        ("joint_mimic", ["all stages", "head"], 3, "cyclic"),
+        ("joint_ce", ["joint CE + mimic"], 0, "cyclic"),
+        ("unfrozen", ["stage 1", "stage 2", "stage 3", "head"], 3, "cyclic"),
+        ("head_and_last_stage", ["stage 1", "stage 2", "stage 3", "head"], 2, "cyclic"),
+        ("classifier_only", ["stage 1", "stage 2", "stage 3", "head"], 4, "cyclic"),
+        ("step_lr", ["stage 1", "stage 2", "stage 3", "head"], 3, "step"),
     ],
 )
 def test_ablation_configs_compose_after_sskd(in_tmp, ablation, phases, head_first, schedule):
@@ -217,9 +219,10 @@ def test_ablation_configs_compose_after_sskd(in_tmp, ablation, phases, head_firs
         ],
         run=False,
     )
-    module, (callback,) = cli.model, [cb for cb in cli.trainer.callbacks if isinstance(cb, SSKDPhases)]
+    module, (plan,) = cli.model, [cb for cb in cli.trainer.callbacks if isinstance(cb, StagePlan)]
     assert [p.name for p in module.phases] == phases and module.phases[-1].first == head_first
-    assert type(callback.make_schedule(callback.resolve_epochs(module, 240))).__name__ == schedule
+    plan.setup(pl.Trainer(max_epochs=240, logger=False), module, "fit")
+    assert module.stage_schedule.policies == [schedule] * len(phases)
     stage2 = [p for p in module.phases if p.name == "stage 2"]
     assert not stage2 or stage2[0].first == (0 if ablation == "unfrozen" else 1)
 
@@ -323,10 +326,10 @@ def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(i
     run = in_tmp / "runs/cifar100/sskd/resnet56-resnet20/version_0"
     rows = read_metrics(run)
     logged = {k for r in rows for k in r}
-    expected = {f"train/loss_mimic_stage{k}_step" for k in (1, 2, 3)} | {"train/loss_ce_step", "phase", "val/top1"}
+    expected = {f"train/loss_mimic_stage{k}_step" for k in (1, 2, 3)} | {"train/loss_ce_step", "stage", "val/top1"}
     expected |= {f"val/top1_end_of_phase{k}_untrained_head" for k in (1, 2, 3)} | {"val/top1_end_of_phase4"}
     assert expected <= logged
-    assert sorted({int(r["phase"]) for r in rows if "phase" in r}) == [1, 2, 3, 4]
+    assert sorted({int(r["stage"]) for r in rows if "stage" in r}) == [0, 1, 2, 3]
     starts = [m for m in messages if m.startswith("SSKD phase")]
     assert len(starts) == 4 and all("not meaningful" in m for m in starts[:3]) and "not meaningful" not in starts[3]
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
@@ -336,15 +339,15 @@ def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(i
 # ---- start-up errors -------------------------------------------------------------------------
 def startup(epochs=None, max_epochs=4, module=None):
     module = module or SSKD(student="resnet8", teacher="resnet20", **DIGITS)
-    SSKDPhases(epochs=epochs).setup(pl.Trainer(max_epochs=max_epochs, logger=False), module, "fit")
+    StagePlan(epochs=epochs).setup(pl.Trainer(max_epochs=max_epochs, logger=False), module, "fit")
 
 
 @pytest.mark.parametrize(
     ("epochs", "max_epochs", "message"),
     [
-        ([1, 1, 1, 2], 4, r"epochs=\[1, 1, 1, 2\] sum to 5, but trainer.max_epochs=4"),
-        ([2, 2], 4, r"has 2 entries, but the model has 4 phases \(stage 1, stage 2, stage 3, head\)"),
-        (None, 3, r"trainer.max_epochs=3 cannot be split among the 4 phases"),
+        ([1, 1, 1, 2], 4, r"stages.epochs=\[1, 1, 1, 2\] sum to 5, but trainer.max_epochs=4"),
+        ([2, 2], 4, r"\[2, 2\]: expected 4 positive epoch counts, one per stage \(stage 1, stage 2, stage 3, head\)"),
+        (None, 3, r"trainer.max_epochs=3 cannot be split among the 4 stages"),
     ],
 )
 def test_bad_phase_epochs_fail_at_setup(epochs, max_epochs, message):
@@ -353,21 +356,21 @@ def test_bad_phase_epochs_fail_at_setup(epochs, max_epochs, message):
 
 
 def test_bad_phase_epochs_fail_through_cli(in_tmp, digits_teacher):
-    with pytest.raises(ValueError, match=r"has 3 entries, but the model has 4 phases"):
-        main(digits_cli_args(digits_teacher, 4, "--trainer.callbacks.epochs=[1,1,2]"))
+    with pytest.raises(ValueError, match=r"expected 4 positive epoch counts, one per stage"):
+        main(digits_cli_args(digits_teacher, 4, "--stages.epochs=[1,1,2]"))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"epochs": [2, 0, 1, 1]}, r"epochs=\[2, 0, 1, 1\]: expected a list of positive epoch counts"),
+        ({"epochs": [2, 0, 1, 1]}, r"epochs=\[2, 0, 1, 1\]: expected a list of integers > 0"),
         ({"min_lr_factor": 1.5}, r"min_lr_factor=1.5"),
         ({"step_milestones": [0.8, 0.5]}, r"step_milestones=\[0.8, 0.5\]: expected increasing fractions"),
     ],
 )
-def test_bad_callback_arguments_fail_at_construction(kwargs, message):
+def test_bad_plan_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        SSKDPhases(**kwargs)
+        StagePlan(**kwargs)
 
 
 def test_model_errors_name_the_problem():
@@ -375,20 +378,19 @@ def test_model_errors_name_the_problem():
         SSKD(student="vgg8", teacher="resnet20", **DIGITS)
     with pytest.raises(ValueError, match=r"head_trains='fc': expected one of classifier, head, last_stage_and_head"):
         SSKD(student="resnet8", teacher="resnet20", head_trains="fc", **DIGITS)
-    with pytest.raises(ValueError, match="SSKD needs the SSKDPhases callback"):
+    with pytest.raises(ValueError, match="SSKD needs the distill.callbacks.StagePlan callback"):
         fit_digits(None, student="resnet8", teacher="resnet20")
-    with pytest.raises(TypeError, match="SSKDPhases drives distill.methods.sskd.SSKD"):
-        startup(module=Supervised(model="resnet8", **DIGITS))
 
 
 def test_plain_ddp_is_refused_and_resume_with_other_epochs_too():
-    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
-        require_unused_parameter_search(DDPStrategy())
-    require_unused_parameter_search(DDPStrategy(find_unused_parameters=True))
-    callback = SSKDPhases()
-    callback.phase_epochs = [1, 1, 1, 1]
-    with pytest.raises(ValueError, match=r"trained with SSKD phase epochs \[2, 1, 1, 1\], this run has \[1, 1, 1, 1\]"):
-        callback.load_state_dict({"phase_epochs": [2, 1, 1, 1]})
+    with pytest.raises(ValueError, match="SSKD leaves parameters unused.*ddp_find_unused_parameters_true"):
+        require_unused_parameter_search(DDPStrategy(), "SSKD")
+    require_unused_parameter_search(DDPStrategy(find_unused_parameters=True), "SSKD")
+    plan = StagePlan()
+    plan.setup(pl.Trainer(max_epochs=4, logger=False), SSKD(student="resnet8", teacher="resnet20", **DIGITS), "fit")
+    saved = {**plan.state_dict(), "epochs": [2, 1, 1, 0]}
+    with pytest.raises(ValueError, match=r"'epochs': \[1, 1, 1, 1\]\} differs from the checkpoint's .*\[2, 1, 1, 0\]"):
+        plan.load_state_dict(saved)
 
 
 def test_only_the_head_phase_can_be_the_best(tmp_path, digits_teacher, monkeypatch):

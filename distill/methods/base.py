@@ -7,16 +7,21 @@ mdistiller and solo-learn).
 
 from __future__ import annotations
 
+import bisect
 import math
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from ..models import StagedNet
 from ..schedules import MultiStep, Schedule
+from ..stages import Stage
+from .card import Network, RunCard, term_names
 
 MAIN = "main"  # the name of the network a method trains (the student): its metrics are val/top1, train/top1
 
@@ -29,6 +34,15 @@ def top_k_metrics(num_classes: int) -> nn.ModuleDict:
             "top5": MulticlassAccuracy(num_classes, top_k=min(5, num_classes), average="micro"),
         }
     )
+
+
+def require_unused_parameter_search(strategy, owner: str) -> None:
+    """Refuse DDP without ``find_unused_parameters`` for a method that leaves parameters unused."""
+    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
+        raise ValueError(
+            f"{owner} leaves parameters unused in some steps, so DDP must look for them: set "
+            "trainer.strategy to ddp_find_unused_parameters_true (got DDP with find_unused_parameters=False)"
+        )
 
 
 class DistillModule(pl.LightningModule):
@@ -76,6 +90,7 @@ class DistillModule(pl.LightningModule):
         self.optimizer_name, self.lr, self.momentum = optimizer, lr, momentum
         self.weight_decay, self.nesterov = weight_decay, nesterov
         self.lr_schedule = lr_schedule if lr_schedule is not None else MultiStep()
+        self.stage_schedule: Schedule | None = None  # the StagePlan's schedule over the whole run, where it sets one
         self.lr_reference_batch = lr_reference_batch
         self.channels_last, self.compile_networks = channels_last, compile
         self._networks_configured = False
@@ -88,6 +103,20 @@ class DistillModule(pl.LightningModule):
             }
         )
         self.best: dict[str, float] = {}
+        self.stage_bounds: list[int] | None = None  # set by the StagePlan callback at fit setup
+        self.entered_stage: int | None = None  # the stage entered last (StagePlan's on_stage)
+
+    # ---- how the CLI and the tools see this method (from init arguments alone) -----------------
+    exported: ClassVar[dict[str, Network]] = {"student": Network("student.", "student", "student_kwargs")}
+
+    @classmethod
+    def card(cls, args: Mapping) -> RunCard:
+        """How a run with these init arguments is named and tabulated; by default a distillation run
+        ``teacher → student`` in the column ``<method>:<terms>`` (see :mod:`distill.methods.card`)."""
+        terms = "+".join(term_names(args))
+        column = cls.__name__.lower() + (f":{terms}" if terms else "")
+        teacher, student = args.get("teacher"), args.get("student")
+        return RunCard(column, student, teacher, tuple(n for n in (teacher, student) if n))
 
     # ---- what a method defines -------------------------------------------------------------
     def training_losses(self, images, targets, index) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -98,6 +127,35 @@ class DistillModule(pl.LightningModule):
     def eval_logits(self, images) -> dict[str, torch.Tensor]:
         """Logits of every evaluated network, keyed by ``eval_names``."""
         return {MAIN: self(images)}
+
+    def stages(self) -> list[Stage]:
+        """The stages this method runs through, in order (see :mod:`distill.stages`); one by default."""
+        return [Stage("main")]
+
+    def prepare_stages(self, stages: list[Stage], bounds: list[int]) -> None:
+        """Called once at fit setup by the ``StagePlan`` callback with the resolved plan: ``bounds`` are the
+        epochs where the stages start, then the end of the last (``[0]`` for an unbounded one-stage run)."""
+        self.stage_bounds = list(bounds)
+
+    def on_stage(self, index: int, stage: Stage) -> None:
+        """Called by the ``StagePlan`` callback at every epoch start (and before the sanity check) with the
+        stage that contains ``current_epoch``: the place for what entering a stage changes."""
+        self.entered_stage = index
+
+    @property
+    def stage_index(self) -> int | None:
+        """The stage that contains ``current_epoch`` (a function of the epoch, so every hook agrees);
+        ``None`` outside a fit."""
+        if self.stage_bounds is None:
+            return None
+        last = max(0, len(self.stage_bounds) - 2)
+        return min(bisect.bisect_right(self.stage_bounds, self.current_epoch) - 1, last)
+
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Whether some trained parameters get no gradient in some steps (a stage trains part of the
+        networks): DDP must then look for unused parameters."""
+        return False
 
     def param_groups(self) -> list[dict]:
         """Parameter groups for the optimiser (one group by default)."""
@@ -147,7 +205,13 @@ class DistillModule(pl.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def lr_factor(self, step: int) -> float:
-        return self.lr_schedule(step / self.steps_per_epoch)
+        """The LR multiplier at optimiser step ``step``: the stage plan's schedule where it set one, else
+        the configured ``lr_schedule``."""
+        return (self.stage_schedule or self.lr_schedule)(step / self.steps_per_epoch)
+
+    def on_fit_start(self) -> None:
+        if self.leaves_parameters_unused:
+            require_unused_parameter_search(self.trainer.strategy, type(self).__name__)
 
     # ---- steps -----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ..losses.kd import kd_loss
 from ..models import create_model
 from .base import MAIN, DistillModule
+from .card import Network, RunCard
 
 
 class DML(DistillModule):
@@ -24,6 +25,13 @@ class DML(DistillModule):
     """
 
     eval_names = (MAIN, "peer")
+    exported = {"student": Network("student.", "student"), "peer": Network("peer.", "peer")}
+
+    @classmethod
+    def card(cls, args) -> RunCard:
+        """Teacher-less: fills the ``dml`` column of every pair whose student is its first network."""
+        student = args["student"]
+        return RunCard("dml", student, None, (student, args.get("peer") or student), "dml")
 
     def __init__(
         self,

@@ -8,14 +8,16 @@ feature extension and KR build on this module.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..losses.term import DistillTerm
 from ..models import create_model
+from ..models.staged import dry_run
 from .base import MAIN, DistillModule
+from .card import RunCard, term_names
 from .teacher import TeacherMixin, build_teacher
 
 
@@ -45,6 +47,12 @@ class OfflineKD(TeacherMixin, DistillModule):
 
     eval_names = (MAIN, "teacher")  # the teacher's val top-1 is measured in the first validation
 
+    @classmethod
+    def card(cls, args) -> RunCard:
+        """Named by its terms alone (``kd``, ``crd+kd``); subclasses keep ``<method>:<terms>``."""
+        card = super().card(args)
+        return replace(card, column="+".join(term_names(args)) or card.column) if cls is OfflineKD else card
+
     def __init__(
         self,
         student: str = "resnet8x4",
@@ -73,12 +81,8 @@ class OfflineKD(TeacherMixin, DistillModule):
 
     def build_terms(self) -> None:
         """Size every term's connectors from a dry run of both networks (eval mode, batch of 2)."""
-        probe = torch.zeros(2, self.in_chans, self.image_size, self.image_size)
-        was_training = self.student.training
-        self.student.eval()
-        with torch.no_grad():
-            s, t = self.student(probe, features=True), self.teacher(probe, features=True)
-        self.student.train(was_training)
+        s = dry_run(self.student, self.in_chans, self.image_size)
+        t = dry_run(self.teacher, self.in_chans, self.image_size)
         for term in self.terms:
             term.build(s, t)
 

@@ -22,6 +22,7 @@ floating-point buffers are averaged over the ranks after every training step, so
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -30,8 +31,11 @@ from torch import nn
 
 from ..losses.kd import kd_loss
 from ..losses.term import DistillTerm
-from ..models import StagedNet, StagedOutput, create_model
+from ..models import StagedNet, StagedOutput, create_model, read_state_dict
+from ..models.staged import dry_run, evaluating
+from ..models.weights import WeightLoadError, file_sha256
 from .base import MAIN
+from .card import Network
 from .kd import OfflineKD, unique_names
 
 KBM_STATE_PREFIX = "kbm.net."  # + a teacher state_dict key = the KBM's key in the method's state_dict
@@ -115,6 +119,37 @@ def feature_target(teacher: StagedOutput, kbm: StagedOutput, first_stage: int) -
     )
 
 
+def improved_teacher_state_dict(
+    checkpoint: str | Path, teacher_weights: str | Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The improved teacher of a SOKD checkpoint: the frozen teacher up to the bridge followed by the trained
+    KBM, as a state_dict of the teacher architecture. The teacher's weights are re-read from the file the
+    run recorded (SHA-256 checked; ``teacher_weights`` overrides the path), with its BatchNorm buffers as
+    the checkpoint saved them when the run used ``teacher_bn=train``, and the KBM's weights in place of
+    the teacher's last stages and head."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    record, teacher = ckpt.get("distill_sokd"), ckpt.get("distill_teacher")
+    if record is None or teacher is None:
+        raise WeightLoadError(f"{checkpoint}: not a SOKD checkpoint (no 'distill_sokd' record)")
+    weights = teacher_weights or teacher["weights"]
+    if weights is None:
+        raise WeightLoadError(f"{checkpoint}: the run had no teacher_weights, so there is no teacher to export")
+    if file_sha256(weights) != teacher["sha256"]:
+        raise WeightLoadError(
+            f"{weights} is not the teacher {checkpoint} was trained with (sha256 {teacher['sha256']})"
+        )
+    state = read_state_dict(weights)
+    state.update(record["teacher_buffers"] or {})
+    state.update(
+        {k[len(KBM_STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(KBM_STATE_PREFIX)}
+    )
+    model = create_model(
+        teacher["arch"], num_classes=record["num_classes"], in_chans=record["in_chans"], **record["teacher_kwargs"]
+    )
+    model.load_state_dict(state)  # strict: the export is exactly the teacher architecture
+    return model.state_dict()
+
+
 class SOKD(OfflineKD):
     """Semi-online distillation through a knowledge bridge module.
 
@@ -139,6 +174,10 @@ class SOKD(OfflineKD):
     """
 
     eval_names = (MAIN, "kbm", "teacher")  # student, improved teacher, teacher: every validation
+    exported = {
+        **OfflineKD.exported,
+        "teacher-improved": Network(KBM_STATE_PREFIX, "teacher", "teacher_kwargs", improved_teacher_state_dict),
+    }
 
     def __init__(
         self,
@@ -207,15 +246,10 @@ class SOKD(OfflineKD):
         """Size the terms' connectors from a dry run (eval mode, batch of 2) against the KBM target."""
         if not len(self.terms):
             return
-        probe = torch.zeros(2, self.in_chans, self.image_size, self.image_size)
-        modes = self.student.training, self.kbm.training
-        self.student.eval()
-        self.kbm.eval()
-        with torch.no_grad():
-            s, t = self.student(probe, features=True), self.teacher(probe, features=True)
+        s = dry_run(self.student, self.in_chans, self.image_size)
+        t = dry_run(self.teacher, self.in_chans, self.image_size)
+        with evaluating(self.kbm):
             target = feature_target(t, self.kbm(t.stages[self.first_stage - 1]), self.first_stage)
-        self.student.train(modes[0])
-        self.kbm.train(modes[1])
         for term in self.terms:
             term.build(s, target)
 

@@ -5,9 +5,9 @@ Training is decomposed into phases [paper]: in backbone phase k the student's st
 without labels, to reproduce the frozen teacher's stage-k output (raw MSE, no attention or Gram
 transform) on inputs from the student's own earlier stages; then the backbone is fixed and only the
 task head learns from the labels, so no weight balances a task loss against a distillation loss.
-The :class:`~distill.callbacks.sskd.SSKDPhases` callback owns the epochs of the phases and the LR
-cycle restarted in each; this module derives the phase from ``current_epoch`` (so a resumed run is
-in the right phase) and routes the gradients.
+Each phase is a stage of the run's :class:`~distill.callbacks.stages.StagePlan` (``--stages.*``),
+which owns the epochs of the phases and the LR cycle restarted in each and tells this module the
+phase of every epoch (so a resumed run is in the right phase); this module routes the gradients.
 
 The project's readings of METHODS.md §4 [chosen], each an argument below:
 
@@ -30,18 +30,17 @@ plain ``ddp`` is refused at start-up.
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
 from ..models import StagedNet, create_model, stage_channels
 from ..models.staged import Chain
+from ..stages import Stage
 from .base import MAIN, DistillModule
 from .teacher import TeacherMixin, build_teacher
 
@@ -111,17 +110,8 @@ def mimic_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> 
     return F.mse_loss(s, t)
 
 
-def require_unused_parameter_search(strategy) -> None:
-    """Refuse DDP without ``find_unused_parameters``: every SSKD phase leaves parameters unused."""
-    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise ValueError(
-            "SSKD leaves parameters unused in every phase, so DDP must look for them: set "
-            "trainer.strategy to ddp_find_unused_parameters_true (got DDP with find_unused_parameters=False)"
-        )
-
-
 class SSKD(TeacherMixin, DistillModule):
-    """Stage-by-stage distillation of ``student`` from a frozen ``teacher``; phases from :class:`SSKDPhases`.
+    """Stage-by-stage distillation of ``student`` from a frozen ``teacher``, one stage of the plan per phase.
 
     Args:
         student: zoo name of the student.
@@ -173,28 +163,34 @@ class SSKD(TeacherMixin, DistillModule):
             )
         self.adapters = nn.ModuleList(make_adapter(s, t) for s, t in zip(s_channels, t_channels))
         self.phases = plan_phases(plan, len(s_channels), head_trains, freeze_earlier_stages)
-        self.phase_bounds: list[int] | None = None  # epochs where the phases start, then the end; set by SSKDPhases
 
-    # ---- phases ------------------------------------------------------------------------------
-    def set_phase_epochs(self, epochs: Sequence[int]) -> None:
-        """Called by :class:`SSKDPhases` at fit setup with the epochs of every phase."""
-        if len(epochs) != len(self.phases):
-            raise ValueError(f"SSKD has {len(self.phases)} phases ({self.phase_names()}), got epochs for {len(epochs)}")
-        self.phase_bounds = [sum(epochs[:i]) for i in range(len(epochs) + 1)]
+    # ---- phases (the stages of the StagePlan callback) ----------------------------------------
+    def stages(self) -> list[Stage]:
+        """One stage per phase, each with its own cosine cycle ([chosen]; ``--stages.lr step`` is the
+        step-schedule ablation)."""
+        return [Stage(p.name, lr="cyclic", spec=p) for p in self.phases]
 
     def phase_names(self) -> str:
         return ", ".join(p.name for p in self.phases)
 
     @property
     def phase_index(self) -> int:
-        """0-based index of the phase that contains ``current_epoch`` (the last one past the end)."""
-        if self.phase_bounds is None:
-            raise RuntimeError("SSKD has no phase epochs: add the SSKDPhases callback to trainer.callbacks")
-        return bisect.bisect_right(self.phase_bounds[:-1], self.current_epoch) - 1
+        """0-based index of the current phase; the last one (the trained student) outside a fit."""
+        return len(self.phases) - 1 if self.stage_index is None else self.stage_index
 
     @property
     def phase(self) -> Phase:
         return self.phases[self.phase_index]
+
+    def on_stage(self, index: int, stage: Stage) -> None:
+        """Enter the phase of this epoch: announce it at its start (or on resume), re-apply train/eval modes."""
+        announce = index != self.entered_stage
+        super().on_stage(index, stage)
+        self.train()  # a new phase trains other parts: re-apply its train/eval modes
+        if announce:
+            start, end = self.stage_bounds[index], self.stage_bounds[index + 1]
+            resumed = "" if self.current_epoch == start else f", resumed at epoch {self.current_epoch}"
+            rank_zero_info(f"{self.describe_phase()} (epochs {start}-{end - 1}{resumed})")
 
     @property
     def selects_best(self) -> bool:
@@ -233,24 +229,22 @@ class SSKD(TeacherMixin, DistillModule):
     def train(self, mode: bool = True):
         """Train mode for what the phase trains; frozen parts (BatchNorm included) stay in eval mode."""
         super().train(mode)
-        if mode and self.phase_bounds is not None:
+        if mode and self.stage_index is not None:
             for module in self.frozen_modules(self.phase):
                 module.eval()
         return self
 
     # ---- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.phase_bounds is None:
+        if stage == "fit" and self.stage_bounds is None:
             raise ValueError(
-                "SSKD needs the SSKDPhases callback in trainer.callbacks (a --trainer.callbacks=[...] on the "
-                "command line replaces the YAML list; append with --trainer.callbacks+=...)"
+                "SSKD needs the distill.callbacks.StagePlan callback in trainer.callbacks (the distill CLI adds it)"
             )
-        require_unused_parameter_search(self.trainer.strategy)
 
-    def on_train_epoch_start(self) -> None:
-        self.train()  # a new epoch may start a new phase: re-apply its train/eval modes
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Every phase trains part of the student only."""
+        return True
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Clear the gradients of frozen parameters: SGD then skips them (no momentum, no weight decay)."""
@@ -261,11 +255,11 @@ class SSKD(TeacherMixin, DistillModule):
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self.trainer.sanity_checking or self.phase_bounds is None:
+        if self.trainer.sanity_checking or self.stage_index is None:
             return
         index = self.phase_index
         metric = self.metrics["val_main"]["top1"]
-        if self.current_epoch == self.phase_bounds[index + 1] - 1 and metric.update_count:
+        if self.current_epoch == self.stage_bounds[index + 1] - 1 and metric.update_count:
             suffix = "" if self.phase.ce else "_untrained_head"
             self.log(f"val/top1_end_of_phase{index + 1}{suffix}", metric.compute())
 
@@ -309,7 +303,3 @@ class SSKD(TeacherMixin, DistillModule):
         if phase.ce:
             losses["ce"] = F.cross_entropy(logits.float(), targets)
         return losses, logits
-
-    def training_step(self, batch, batch_idx):
-        self.log("phase", float(self.phase_index + 1), on_step=False, on_epoch=True, batch_size=len(batch[1]))
-        return super().training_step(batch, batch_idx)

@@ -10,6 +10,7 @@ never registered themselves.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -85,12 +86,34 @@ class StagedNet(nn.Module):
         return StagedOutput(logits, tuple(stage_outputs), feature, embedding)
 
 
+@contextmanager
+def evaluating(*modules: nn.Module):
+    """Run ``modules`` in eval mode and without autograd inside the block; their modes are restored after."""
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
+
+
+def probe(model: nn.Module, in_chans: int, size: int, batch: int = 2) -> torch.Tensor:
+    """A zero batch on ``model``'s device and dtype: the input of every dry run that sizes connectors."""
+    param = next(model.parameters())
+    return torch.zeros(batch, in_chans, size, size, device=param.device, dtype=param.dtype)
+
+
+def dry_run(model: StagedNet, in_chans: int, size: int, features: bool = True):
+    """``model``'s output on a zero batch of 2, in eval mode without autograd (sizes connectors: methods
+    build their terms from the student's and the teacher's dry runs)."""
+    with evaluating(model):
+        return model(probe(model, in_chans, size), features=features)
+
+
 def stage_channels(model: StagedNet, in_chans: int = 3, size: int = 32) -> list[int]:
     """Channel count of every stage output, found by a dry run on a zero image."""
-    was_training = model.training
-    model.eval()
-    param = next(model.parameters())
-    with torch.no_grad():
-        outs = model.forward_stages(torch.zeros(1, in_chans, size, size, device=param.device, dtype=param.dtype))
-    model.train(was_training)
-    return [o.shape[1] for o in outs]
+    with evaluating(model):
+        return [o.shape[1] for o in model.forward_stages(probe(model, in_chans, size, batch=1))]

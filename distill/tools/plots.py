@@ -2,7 +2,7 @@
 
 - ``val_top1_<dataset>_<teacher>-<student>.png``: validation top-1 per epoch of every method (mean
   over seeds, the band from the lowest to the highest seed), with stages shaded in alternating bands
-  where a run logs a ``stage``/``phase`` metric (PWKD ``pwkd/stage``, SSKD ``phase``).
+  where a run logs the stage plan's ``stage`` metric (PWKD's widths, SSKD's phases).
 - ``lr_<...>.png``: the learning rate per optimiser step of every method (its first run).
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .results import Cell, Row, Table, row_label
 from .runs import series, stage_starts
+from .table import Cell, Row, Table, row_label
 
 
 def row_slug(row: Row) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-STAGE_NAMES = ("stage", "phase")  # a per-epoch metric named so (or ending in /stage, /phase) marks stages
+STAGE_KEY = "stage"  # the per-epoch metric the StagePlan logs in multi-stage runs
 
 
 def latest_version(run_root: str | Path) -> Path:
@@ -73,16 +73,9 @@ def summary(version_dir: str | Path, key: str = "val/top1") -> dict[str, float]:
     return {"last": 100 * values[-1], "best": 100 * max(values)}
 
 
-def stage_key(rows: list[dict[str, float]]) -> str | None:
-    """The metric that numbers the stages of a multi-stage run (PWKD ``pwkd/stage``, SSKD ``phase``)."""
-    keys = {k for r in rows for k in r}
-    return next((k for k in sorted(keys) if k.rsplit("/", 1)[-1] in STAGE_NAMES), None)
-
-
 def stage_starts(rows: list[dict[str, float]]) -> list[int]:
     """Epochs at which a new stage begins (the first epoch excluded); ``[]`` for a single-stage run."""
-    key = stage_key(rows)
-    stages = series(rows, key) if key else []
+    stages = series(rows, STAGE_KEY)
     return [e for (_, a), (e, b) in zip(stages, stages[1:]) if a != b]
 
 
