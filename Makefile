@@ -19,6 +19,9 @@ demo: $(STAMP)  ## teacher, student and every method on the embedded digits, on 
 test: $(STAMP)  ## the whole test suite, CPU only, no network
 	$(BIN)/python -m pytest -n 2 tests
 
+test-fast: $(STAMP)  ## the tests that are neither slow nor multi-process (under a minute)
+	$(BIN)/python -m pytest -n 2 -m "not slow and not ddp" tests
+
 lint: $(STAMP)  ## ruff lint and format check (configured in pyproject.toml)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -16,6 +16,7 @@ ROW_KEYS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ROW_KEYS))
 def test_benchmark_quick_mode_writes_its_json(tmp_path, name):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")

@@ -12,6 +12,7 @@ def fit_teacher(epochs: int = 1, *extra: str):
     main(["fit", "--config", str(CONFIGS / "digits/teacher.yaml"), f"--trainer.max_epochs={epochs}", *FAST, *extra])
 
 
+@pytest.mark.slow
 def test_fit_writes_predictable_run_dir_with_metrics(in_tmp):
     fit_teacher(1)
     run = in_tmp / "runs/digits/supervised/resnet20/version_0"
@@ -22,6 +23,7 @@ def test_fit_writes_predictable_run_dir_with_metrics(in_tmp):
     assert any("lr" in k for r in rows for k in r)
 
 
+@pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(in_tmp):
     fit_teacher(1)
     last = in_tmp / "runs/digits/supervised/resnet20/version_0/checkpoints/last.ckpt"
@@ -33,6 +35,7 @@ def test_resume_continues_from_last_checkpoint(in_tmp):
     assert [epoch for epoch, _ in series(rows, "val/top1")] == [0, 1]
 
 
+@pytest.mark.slow
 def test_validate_subcommand_reads_checkpoint(in_tmp):
     fit_teacher(1)
     last = in_tmp / "runs/digits/supervised/resnet20/version_0/checkpoints/last.ckpt"

@@ -328,6 +328,7 @@ def test_fashion_mnist_errors_name_the_file(tmp_path):
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_real_files_match_the_protocol_statistics():
     dm = FashionMNISTDataModule(data_dir=str(DEBIAN_FASHION_MNIST))

@@ -177,6 +177,7 @@ def test_layer_patterns_select_penalised_convs():
     ]
 
 
+@pytest.mark.slow
 # ---- through the CLI ---------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "ablation, attribute, value",
@@ -212,6 +213,7 @@ def fake_cifar(tmp_path_factory):
     return write_fake_cifar100(tmp_path_factory.mktemp("cifar"), per_class_train=2, per_class_test=1)
 
 
+@pytest.mark.slow
 def test_cross_family_example_composes_with_its_pair(in_tmp, fake_cifar):
     cli = build_cli(
         [
@@ -230,6 +232,7 @@ def test_cross_family_example_composes_with_its_pair(in_tmp, fake_cifar):
     assert any(m.student_shape[2:] == (1, 1) for m in penalised) and any(m.student_shape[1] == 1 for m in penalised)
 
 
+@pytest.mark.slow
 def test_kr_kd_runs_through_cli_on_fake_cifar(in_tmp, fake_cifar, caplog):
     teacher = save_random(in_tmp, "resnet56", seed=0)
     with caplog.at_level(logging.INFO):
@@ -285,6 +288,7 @@ def fit_digits(teacher: Path, epochs: int, *extra: str):
     )
 
 
+@pytest.mark.slow
 def test_resumed_kr_run_equals_uninterrupted(in_tmp):
     teacher = save_random(in_tmp, "resnet20", seed=0, num_classes=10, in_chans=1)
     fit_digits(teacher, 2, "--trainer.logger.init_args.name=straight")
@@ -301,6 +305,7 @@ def test_resumed_kr_run_equals_uninterrupted(in_tmp):
     assert not torch.equal(after_one[key], resumed[key])  # the second epoch re-masked from |W_S − W_D|
 
 
+@pytest.mark.ddp
 def test_two_process_ddp_keeps_ranks_and_priors_identical(in_tmp):
     teacher = save_random(in_tmp, "resnet20", seed=0, num_classes=10, in_chans=1)
     args = [

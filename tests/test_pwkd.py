@@ -298,6 +298,7 @@ def pwkd_digits_args(teacher, *configs, epochs=4):
     ]
 
 
+@pytest.mark.slow
 def test_slimmable_teacher_trains_through_cli_and_logs_every_width(in_tmp):
     main(["fit", "--config", str(CONFIGS / "digits/pwkd_teacher.yaml"), "--trainer.max_epochs=1", *FAST])
     run = in_tmp / "runs/digits/slimmablesupervised/resnet20/version_0"
@@ -336,6 +337,7 @@ class Recorder(pl.Callback):
         self.steps.append((self.lr, self.width, self.channels))
 
 
+@pytest.mark.slow
 def test_stages_set_teacher_width_and_restart_the_lr(in_tmp, slim_digits_teacher):
     recorder = {"class_path": "test_pwkd.Recorder"}
     cfg = stages_config(in_tmp, [0.25, 0.5, 1.0], [2, 2, 2], recorder)
@@ -398,6 +400,7 @@ def assert_same_training_state(straight: dict, resumed: dict) -> None:
     assert straight["pwkd_stage"] == resumed["pwkd_stage"] == 1
 
 
+@pytest.mark.slow
 def test_resume_in_stage_two_equals_uninterrupted(in_tmp, slim_digits_teacher):
     terms = fitnet_crd_config(in_tmp)
     stages = stages_config(in_tmp, [0.5, 1.0], [2, 2])
@@ -491,6 +494,7 @@ def slim_cifar_teacher(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "fitnet"])
 def test_pwkd_over_a_base_method_runs_through_cli_on_fake_cifar(
     tmp_path, monkeypatch, fake_cifar, slim_cifar_teacher, method
@@ -553,6 +557,7 @@ def test_bad_stage_plans_fail_when_built(kwargs, message):
         StagePlan(**kwargs)
 
 
+@pytest.mark.slow
 def test_bad_configs_fail_at_construction_or_setup(tmp_path, slim_digits_teacher):
     half = make_slimmable(create_model("resnet20", num_classes=10, in_chans=1), widths=(0.5, 1.0), image_size=16)
     torch.save(half.state_dict(), tmp_path / "half.pt")
@@ -587,6 +592,7 @@ def test_bad_configs_fail_at_construction_or_setup(tmp_path, slim_digits_teacher
         thin.setup("fit")
 
 
+@pytest.mark.slow
 def test_bad_stage_epochs_stop_the_cli_before_training(in_tmp, slim_digits_teacher):
     cfg = stages_config(in_tmp, [0.5, 1.0], [1, 1])
     with pytest.raises(ValueError, match="sum to 2, but trainer.max_epochs=4"):
@@ -594,6 +600,7 @@ def test_bad_stage_epochs_stop_the_cli_before_training(in_tmp, slim_digits_teach
     assert not list(in_tmp.glob("runs/**/*.ckpt"))
 
 
+@pytest.mark.ddp
 # ---- DDP ----------------------------------------------------------------------------------------
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, slim_digits_teacher):
     args = pwkd_digits_args(slim_digits_teacher, fitnet_crd_config(tmp_path), epochs=4) + [
@@ -698,6 +705,7 @@ def narrow_args(tmp_path, teachers) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_stage_teachers_take_turns_and_resume_exactly(in_tmp, narrow_digits_teachers):
     args = narrow_args(in_tmp, narrow_digits_teachers)
     cli = build_cli([*args, "--trainer.logger.init_args.name=straight"])
@@ -714,6 +722,7 @@ def test_stage_teachers_take_turns_and_resume_exactly(in_tmp, narrow_digits_teac
     assert_same_training_state(straight, torch.load(first, weights_only=True))
 
 
+@pytest.mark.slow
 def test_stage_teacher_mistakes_are_named(tmp_path, narrow_digits_teachers):
     half, plain = narrow_digits_teachers
 
@@ -734,6 +743,7 @@ def test_stage_teacher_mistakes_are_named(tmp_path, narrow_digits_teachers):
         pwkd(teacher_weights=half, stage_widths=[0.5, 1.0])  # a narrow one is no slimmable teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ablation", sorted(p.stem for p in (CONFIGS / "pwkd/cifar100/ablations").glob("*.yaml")))
 def test_ablation_configs_compose_with_a_pair_and_a_method(ablation, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -757,6 +767,7 @@ def test_ablation_configs_compose_with_a_pair_and_a_method(ablation, capsys):
     assert config["stages"]["lr"] in ("own", "monotone", "base")
 
 
+@pytest.mark.slow
 def test_ablations_stack(capsys):
     """Two ablation files combine: each sets only its own fields of the model or the stage plan."""
     ablations = CONFIGS / "pwkd/cifar100/ablations"

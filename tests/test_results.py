@@ -7,6 +7,7 @@ import math
 import subprocess
 import sys
 
+import pytest
 import yaml
 from helpers import CONFIGS, FAST
 
@@ -117,6 +118,7 @@ def test_resumed_epochs_keep_last_value_and_stages_are_found(tmp_path):
     assert figure.axes[0].get_title().endswith("(stages shaded)")
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_writes_files_and_plots(tmp_path, capsys):
     root, out = write_fake_runs(tmp_path / "runs"), tmp_path / "out"
     results.main([str(root), "--out", str(out), "--format", "csv"])
@@ -185,6 +187,7 @@ def test_stage_plans_and_teacher_lists_tell_ablations_apart(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_real_digits_run_is_read_back(in_tmp, tmp_path):
     import torch
 

@@ -127,6 +127,7 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_each_phase_changes_only_what_it_trains(case):
     kwargs, epochs, trained = CASES[case]
@@ -167,6 +168,7 @@ def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ
     assert set(losses) == {"mimic_stage1", "mimic_stage3"} and all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("pair", "adapters", "epochs"),
     [
@@ -195,6 +197,7 @@ def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
     assert stage_epochs(module.stages(), cli.trainer.max_epochs, plan.epochs) == epochs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("ablation", "phases", "head_first", "schedule"),
     [
@@ -249,6 +252,7 @@ def digits_cli_args(teacher, epochs, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_phase_2_equals_uninterrupted(tmp_path, digits_teacher, monkeypatch):
     monkeypatch.chdir(tmp_path)  # 6 epochs split [2, 2, 1, 1]: stopping after 3 epochs is mid-phase 2
     main(digits_cli_args(digits_teacher, 6, "--trainer.logger.init_args.name=straight"))
@@ -268,6 +272,7 @@ def test_resume_in_the_middle_of_phase_2_equals_uninterrupted(tmp_path, digits_t
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
+@pytest.mark.ddp
 def test_two_process_ddp_keeps_ranks_identical_and_frozen_parts_fixed(tmp_path, digits_teacher):
     rank0, rank1 = run_two_ranks(
         digits_cli_args(digits_teacher, 4),
@@ -296,6 +301,7 @@ def fake_cifar(tmp_path_factory):
     return write_fake_cifar100(tmp_path_factory.mktemp("cifar"), per_class_train=2, per_class_test=1)
 
 
+@pytest.mark.slow
 def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(in_tmp, fake_cifar):
     torch.manual_seed(0)
     teacher = in_tmp / "resnet56.pt"
@@ -355,6 +361,7 @@ def test_bad_phase_epochs_fail_at_setup(epochs, max_epochs, message):
         startup(epochs, max_epochs)
 
 
+@pytest.mark.slow
 def test_bad_phase_epochs_fail_through_cli(in_tmp, digits_teacher):
     with pytest.raises(ValueError, match=r"expected 4 positive epoch counts, one per stage"):
         main(digits_cli_args(digits_teacher, 4, "--stages.epochs=[1,1,2]"))
@@ -393,6 +400,7 @@ def test_plain_ddp_is_refused_and_resume_with_other_epochs_too():
         plan.load_state_dict(saved)
 
 
+@pytest.mark.slow
 def test_only_the_head_phase_can_be_the_best(tmp_path, digits_teacher, monkeypatch):
     """Backbone phases evaluate an untrained classifier: they log no val/top1_best and write no best checkpoint."""
     monkeypatch.chdir(tmp_path)  # 6 epochs split [2, 2, 1, 1]: the head phase is epoch 5
