@@ -22,10 +22,19 @@ class DistillTerm(nn.Module):
     ``reads_teacher`` names the :class:`StagedOutput` fields the term reads from the teacher; a term
     that reads only ``logits`` can distil from stored teacher logits and from any architecture that
     has no stages. The default is every field (the conservative answer).
+
+    A term with an initialisation phase (AB, FT, FSP in the CRD benchmark) sets ``init_epochs``: the
+    offline engine then runs one stage of that many epochs before its own, at a constant LR, that
+    trains only :meth:`init_modules` (and the student's stem and stages where ``init_trains_student``)
+    on :meth:`init_loss`. After it, ``used_after_init`` says whether the term's loss joins the main
+    training, and :meth:`frozen_after_init` what stays fixed.
     """
 
     name: str = "term"
     reads_teacher: frozenset[str] = TEACHER_FIELDS
+    init_epochs: int = 0
+    init_trains_student: bool = False
+    used_after_init: bool = True
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
@@ -46,3 +55,16 @@ class DistillTerm(nn.Module):
         self, student: StagedOutput, teacher: StagedOutput, target: torch.Tensor, index: torch.Tensor
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    # ---- the initialisation phase (terms with init_epochs > 0) ------------------------------------
+    def init_loss(self, student: StagedOutput | None, teacher: StagedOutput) -> torch.Tensor:
+        """The loss of the initialisation phase; ``student`` is ``None`` unless ``init_trains_student``."""
+        raise NotImplementedError(f"{type(self).__name__} sets init_epochs but defines no init_loss")
+
+    def init_modules(self) -> list[nn.Module]:
+        """The term's modules trained in its initialisation phase (by default all of it)."""
+        return [self]
+
+    def frozen_after_init(self) -> list[nn.Module]:
+        """The term's modules that stay fixed after the initialisation phase (FT's paraphraser)."""
+        return []

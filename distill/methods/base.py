@@ -103,7 +103,8 @@ class DistillModule(pl.LightningModule):
             }
         )
         self.best: dict[str, float] = {}
-        self.stage_bounds: list[int] | None = None  # set by the StagePlan callback at fit setup
+        self.stage_plan: list[Stage] = []  # the stages and their bounds, set by the StagePlan callback at fit setup
+        self.stage_bounds: list[int] | None = None
         self.entered_stage: int | None = None  # the stage entered last (StagePlan's on_stage)
 
     # ---- how the CLI and the tools see this method (from init arguments alone) -----------------
@@ -135,12 +136,14 @@ class DistillModule(pl.LightningModule):
     def prepare_stages(self, stages: list[Stage], bounds: list[int]) -> None:
         """Called once at fit setup by the ``StagePlan`` callback with the resolved plan: ``bounds`` are the
         epochs where the stages start, then the end of the last (``[0]`` for an unbounded one-stage run)."""
-        self.stage_bounds = list(bounds)
+        self.stage_plan, self.stage_bounds = list(stages), list(bounds)
 
     def on_stage(self, index: int, stage: Stage) -> None:
         """Called by the ``StagePlan`` callback at every epoch start (and before the sanity check) with the
-        stage that contains ``current_epoch``: the place for what entering a stage changes."""
+        stage that contains ``current_epoch``: the place for what entering a stage changes. Train mode
+        is re-applied, since the stage may freeze other modules."""
         self.entered_stage = index
+        self.train()
 
     @property
     def stage_index(self) -> int | None:
@@ -150,6 +153,34 @@ class DistillModule(pl.LightningModule):
             return None
         last = max(0, len(self.stage_bounds) - 2)
         return min(bisect.bisect_right(self.stage_bounds, self.current_epoch) - 1, last)
+
+    # ---- freezing (a stage that trains part of the networks) ------------------------------------
+    def frozen_modules(self) -> list[nn.Module]:
+        """Modules that the current step must not change: kept in eval mode (BatchNorm statistics included)."""
+        return []
+
+    def trained_parameters(self) -> list[nn.Parameter] | None:
+        """The parameters the current step may change; ``None`` (the default): all of them."""
+        return None
+
+    def train(self, mode: bool = True):
+        """Train mode, except for :meth:`frozen_modules` (put back in eval mode by every ``train()``)."""
+        super().train(mode)
+        if mode:
+            for module in self.frozen_modules():
+                module.eval()
+        return self
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clear the gradients of parameters the step may not change: SGD then skips them (no momentum, no
+        weight decay), also where DDP with ``find_unused_parameters`` handed them zeros."""
+        trained = self.trained_parameters()
+        if trained is None:
+            return
+        keep = {id(p) for p in trained}
+        for p in self.parameters():
+            if id(p) not in keep:
+                p.grad = None
 
     @property
     def leaves_parameters_unused(self) -> bool:

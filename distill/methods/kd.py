@@ -1,24 +1,34 @@
 """Offline distillation: a student learns from a frozen teacher through weighted base losses.
 
-Any combination of the classic terms of METHODS.md §2 (KD, FitNet, AT, SP, RKD, PKT, CRD, DKD) is
-one list in the config; the total loss is ``ce_weight · CE + Σ weight_i(epoch) · term_i``. PWKD, SOKD's
-feature extension and KR build on this module.
+Any combination of terms (``distill.losses``: KD, FitNet, AT, SP, RKD, PKT, CRD, DKD, ...) is one
+list in the config; the total loss is ``ce_weight · CE + Σ weight_i(epoch) · term_i``. A term with an
+initialisation phase (AB, FT, FSP) gets a stage of its own before the main training (see
+:class:`~distill.losses.term.DistillTerm`). PWKD, SOKD's feature extension and KR build on this module.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..losses.term import DistillTerm
 from ..models import create_model
 from ..models.staged import dry_run
+from ..stages import Stage
 from .base import MAIN, DistillModule
 from .card import RunCard, term_names
 from .teacher import TeacherMixin, build_teacher
+
+
+@dataclass(frozen=True)
+class InitPhase:
+    """The spec of an initialisation stage: the index of its term."""
+
+    term: int
 
 
 def unique_names(terms: list[DistillTerm]) -> list[str]:
@@ -98,10 +108,93 @@ class OfflineKD(TeacherMixin, DistillModule):
     def eval_logits(self, images):
         return {MAIN: self.student(images), **self.teacher_eval_logits(images)}
 
+    # ---- stages: the terms' initialisation phases, then the method's own ------------------------
+    def stages(self) -> list[Stage]:
+        init = [
+            Stage(f"{name} init", lr="constant", epochs=term.init_epochs, spec=InitPhase(i))
+            for i, (name, term) in enumerate(zip(self.term_names, self.terms))
+            if term.init_epochs
+        ]
+        return init + self.method_stages()
+
+    def method_stages(self) -> list[Stage]:
+        """The method's own stages after any initialisation phase: one by default (PWKD: one per width)."""
+        return [Stage("main")]
+
+    @property
+    def init_phase(self) -> InitPhase | None:
+        """The initialisation phase of the current epoch, if it is one."""
+        index = self.stage_index
+        spec = self.stage_plan[index].spec if index is not None and self.stage_plan else None
+        return spec if isinstance(spec, InitPhase) else None
+
+    @property
+    def main_epoch(self) -> int:
+        """Epochs since the method's own stages began (a term's warm-up counts from there)."""
+        first = sum(isinstance(s.spec, InitPhase) for s in self.stage_plan)
+        return self.current_epoch - (self.stage_bounds[first] if first else 0)
+
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """An initialisation phase trains part of the networks only."""
+        return any(term.init_epochs for term in self.terms) or super().leaves_parameters_unused
+
+    @property
+    def selects_best(self) -> bool:
+        """[chosen] An epoch of an initialisation phase cannot be the best: the classifier is not trained."""
+        return self.init_phase is None and super().selects_best
+
+    def frozen_modules(self) -> list[nn.Module]:
+        phase = self.init_phase
+        if phase is None:
+            after = [m for term in self.terms if term.init_epochs for m in term.frozen_after_init()]
+            unused = [term for term in self.terms if term.init_epochs and not term.used_after_init]
+            return after + unused
+        term, trained = self.terms[phase.term], self.terms[phase.term].init_modules()
+        student = [self.student.head] if term.init_trains_student else [self.student]
+        others = [other for i, other in enumerate(self.terms) if i != phase.term]
+        rest = [] if term in trained else [c for c in term.children() if not any(c is m for m in trained)]
+        return student + others + rest
+
+    def trained_parameters(self) -> list[nn.Parameter] | None:
+        phase = self.init_phase
+        if phase is None:
+            frozen = {id(p) for module in self.frozen_modules() for p in module.parameters()}
+            return [p for p in self.parameters() if id(p) not in frozen] if frozen else None
+        term = self.terms[phase.term]
+        params = [p for module in term.init_modules() for p in module.parameters()]
+        if term.init_trains_student:
+            params += [p for part in (self.student.stem, *self.student.stages) for p in part.parameters()]
+        return params
+
+    def on_stage(self, index: int, stage: Stage) -> None:
+        """Entering the first of the method's own stages after initialisation phases starts a fresh
+        optimiser state (the CRD benchmark trains its initialisation with an optimiser of its own)."""
+        super().on_stage(index, stage)
+        first = sum(isinstance(s.spec, InitPhase) for s in self.stage_plan)
+        if first and index == first and self.current_epoch == self.stage_bounds[first] and self._trainer:
+            self.optimizers().optimizer.state.clear()
+
+    # ---- steps ---------------------------------------------------------------------------------
     def training_losses(self, images, targets, index):
+        phase = self.init_phase
+        if phase is not None:
+            return self.init_losses(phase, images), None
+        return self.main_losses(images, targets, index)
+
+    def init_losses(self, phase: InitPhase, images) -> dict[str, torch.Tensor]:
+        """The initialisation phase of one term: its own loss alone, no labels."""
+        term = self.terms[phase.term]
+        s = self.student(images, features=True) if term.init_trains_student else None
+        return {f"{self.term_names[phase.term]}_init": term.init_loss(s, self.teacher_forward(images))}
+
+    def main_losses(self, images, targets, index):
+        """CE plus every term used in the main training, each at its weight for this epoch."""
         s = self.student(images, features=True)
         t = self.teacher_forward(images)
         losses = {"ce": self.ce_weight * F.cross_entropy(s.logits.float(), targets)}
+        epoch = self.main_epoch
         for name, term in zip(self.term_names, self.terms):
-            losses[name] = term.weight_at(self.current_epoch) * term(s, t, targets, index)
+            if term.used_after_init or not term.init_epochs:
+                losses[name] = term.weight_at(epoch) * term(s, t, targets, index)
         return losses, s.logits

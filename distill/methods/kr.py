@@ -311,8 +311,8 @@ class KR(OfflineKD):
         """Student weights, priors and masks of the penalised convs, in matching-table order."""
         return [c.weight for c in self.prior_convs], list(self.priors.buffers()), list(self.prior_masks.buffers())
 
-    def training_losses(self, images, targets, index):
-        losses, logits = super().training_losses(images, targets, index)
+    def main_losses(self, images, targets, index):
+        losses, logits = super().main_losses(images, targets, index)
         losses["kr"] = self.beta * prior_penalty(*self.prior_tensors())
         return losses, logits
 

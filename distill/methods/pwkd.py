@@ -149,7 +149,7 @@ class PWKD(OfflineKD):
         return next(t for t in self.stage_teachers or [self.teacher] if width in t.slimmable_widths)
 
     # ---- stages (driven by the StagePlan callback) ---------------------------------------------
-    def stages(self) -> list[Stage]:
+    def method_stages(self) -> list[Stage]:
         """One stage per teacher width, each with its own cosine cycle ([chosen] cosine shape)."""
         return [Stage(f"width {w:g}", lr="cyclic", spec=w) for w in self.stage_widths]
 
@@ -178,8 +178,11 @@ class PWKD(OfflineKD):
                 )
 
     def on_stage(self, index: int, stage: Stage) -> None:
+        """Enter width stage ``k`` (counted after any initialisation phase; [chosen] an initialisation
+        phase runs the teacher at the first stage's width)."""
         super().on_stage(index, stage)
-        self.enter_stage(index, stage.spec)
+        k = max(0, index - (len(self.stage_plan) - len(self.stage_widths)))
+        self.enter_stage(k, self.stage_widths[k])
 
     @property
     def leaves_parameters_unused(self) -> bool:

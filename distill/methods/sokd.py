@@ -262,7 +262,7 @@ class SOKD(OfflineKD):
             kbm_group["lr"] = self.kbm_lr * self.base_lr() / self.lr
         return [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in kbm_ids]}, kbm_group]
 
-    def training_losses(self, images, targets, index):
+    def main_losses(self, images, targets, index):
         s = self.student(images, features=True)
         t = self.teacher_forward(images)  # no grad; batch statistics when teacher_bn="train"
         a = self.kbm(t.stages[self.first_stage - 1].detach())

@@ -186,7 +186,6 @@ class SSKD(TeacherMixin, DistillModule):
         """Enter the phase of this epoch: announce it at its start (or on resume), re-apply train/eval modes."""
         announce = index != self.entered_stage
         super().on_stage(index, stage)
-        self.train()  # a new phase trains other parts: re-apply its train/eval modes
         if announce:
             start, end = self.stage_bounds[index], self.stage_bounds[index + 1]
             resumed = "" if self.current_epoch == start else f", resumed at epoch {self.current_epoch}"
@@ -218,21 +217,21 @@ class SSKD(TeacherMixin, DistillModule):
         parts = student_parts(self.student)
         return parts[phase.first : phase.last + 1] + [self.adapters[k] for k in phase.mimic]
 
-    def frozen_modules(self, phase: Phase) -> list[nn.Module]:
-        parts = student_parts(self.student)
+    def frozen_modules(self) -> list[nn.Module]:
+        """What the current phase does not train (run without autograd, BatchNorm in eval mode)."""
+        if self.stage_index is None:
+            return []
+        phase, parts = self.phase, student_parts(self.student)
         return (
             parts[: phase.first]
             + parts[phase.last + 1 :]
             + [a for k, a in enumerate(self.adapters) if k not in phase.mimic]
         )
 
-    def train(self, mode: bool = True):
-        """Train mode for what the phase trains; frozen parts (BatchNorm included) stay in eval mode."""
-        super().train(mode)
-        if mode and self.stage_index is not None:
-            for module in self.frozen_modules(self.phase):
-                module.eval()
-        return self
+    def trained_parameters(self) -> list[nn.Parameter] | None:
+        if self.stage_index is None:
+            return None
+        return [p for module in self.trained_modules(self.phase) for p in module.parameters()]
 
     # ---- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -245,13 +244,6 @@ class SSKD(TeacherMixin, DistillModule):
     def leaves_parameters_unused(self) -> bool:
         """Every phase trains part of the student only."""
         return True
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Clear the gradients of frozen parameters: SGD then skips them (no momentum, no weight decay)."""
-        trained = {id(p) for module in self.trained_modules(self.phase) for p in module.parameters()}
-        for p in self.parameters():
-            if id(p) not in trained:
-                p.grad = None
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
