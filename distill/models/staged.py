@@ -66,6 +66,10 @@ class StagedNet(nn.Module):
     def head(self) -> Head:
         raise NotImplementedError
 
+    def unavailable_outputs(self) -> dict[str, str]:
+        """The :class:`StagedOutput` fields this network cannot give, each with the reason (none here)."""
+        return {}
+
     def forward_stages(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Run the stem and the first ``upto`` stages (all by default); return each stage's output."""
         x = self.stem(x)
@@ -83,6 +87,18 @@ class StagedNet(nn.Module):
         if not features:
             return logits
         return StagedOutput(logits, tuple(stage_outputs), feature, embedding)
+
+
+def require_outputs(reader: str, fields: frozenset[str], **networks: StagedNet) -> None:
+    """Refuse, in one line, a ``reader`` (a term) that reads a field one of ``networks`` cannot give.
+
+    ``networks`` maps a role (``teacher``, ``student``) to its network.
+    """
+    for role, net in networks.items():
+        unavailable = net.unavailable_outputs()
+        for field in sorted(fields & unavailable.keys()):
+            name = getattr(net, "name", type(net).__name__)
+            raise ValueError(f"{reader} reads the {role}'s {field}, which {name} cannot give: {unavailable[field]}")
 
 
 def stage_channels(model: StagedNet, in_chans: int = 3, size: int = 32) -> list[int]:
