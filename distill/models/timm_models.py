@@ -41,8 +41,8 @@ def create_timm(name: str, num_classes: int, in_chans: int, **kwargs) -> TimmNet
 
     if not timm.is_model(name):
         raise KeyError(
-            f"unknown timm model {name!r} (timm {timm.__version__}); list them with "
-            f"python -c \"import timm; print(timm.list_models('*{name.split('_')[0]}*'))\""
+            f"unknown timm model {name!r} (timm {timm.__version__}): timm.list_models('*{name.split('_')[0]}*') "
+            "lists the names"
         )
     model = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
     return TimmNet(PREFIX + name, model, in_chans)
@@ -86,7 +86,8 @@ class TimmNet(StagedNet):
     def _inspect(self, in_chans: int) -> None:
         """One dry run (eval mode, default input size) that finds what this network can serve."""
         model = self.timm_model
-        size = model.pretrained_cfg.get("input_size", (3, 224, 224))[1:]
+        # the input size the model was built for (a ViT made with img_size=... takes no other)
+        size = getattr(getattr(model, "patch_embed", None), "img_size", None) or model.pretrained_cfg["input_size"][1:]
         param = next(self.parameters())
         # a random image: on a constant one, different layer chains can coincide
         probe = torch.randn(1, in_chans, *size, generator=torch.Generator().manual_seed(0)).to(param)
