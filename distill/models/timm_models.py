@@ -78,7 +78,7 @@ class TimmNet(StagedNet):
         self._unavailable = {
             f: "timm's feature API does not expose it" for f in StagedOutput._fields if f not in _PROVIDED
         }
-        self.__dict__["_views"] = None  # (stem, stage chains, head pre), set by the dry run when they replay exactly
+        self._view_names: tuple | None = None  # module names of stem, each stage, head pre; set when they replay
         self._views_reason = ""
         self._inspect(in_chans)
 
@@ -116,37 +116,49 @@ class TimmNet(StagedNet):
         if any(cut not in names for cut in cuts):
             return "its stage modules are not a chain of its children"
         ends = [names.index(cut) for cut in cuts]
-        modules = [module for _, module in leaves]
-        stem = Chain(*modules[: ends[0]])
-        groups = [Chain(*modules[a + 1 : b + 1]) for a, b in zip([ends[0] - 1, *ends], ends)]
-        tail = modules[ends[-1] + 1 :]
-        x = _run(stem, probe)
+        stem = names[: ends[0]]
+        groups = [names[a + 1 : b + 1] for a, b in zip([ends[0] - 1, *ends], ends)]
+        tail = names[ends[-1] + 1 :]
+        x = _run(self._chain(stem), probe)
         for group, expected in zip(groups, stages):
-            x = _run(group, x)
+            x = _run(self._chain(group), x)
             if not _same(x, expected):
                 return "running its children in order does not reproduce its stage outputs"
         # the head's ``pre``: the shortest run of the following children that gives forward_features
-        pre = next((Chain(*tail[:k]) for k in range(len(tail) + 1) if _same(_run(Chain(*tail[:k]), x), final)), None)
+        pre = next((tail[:k] for k in range(len(tail) + 1) if _same(_run(self._chain(tail[:k]), x), final)), None)
         if pre is None:
             return "no run of the children after its last stage reproduces forward_features"
         model = self.timm_model
         if not _same(model.get_classifier()(model.forward_head(final, pre_logits=True)), model.forward_head(final)):
             return "its head is not one classifier applied to forward_head(pre_logits=True)"
-        self.__dict__["_views"] = (stem, groups, pre)
+        self._view_names = (stem, groups, pre)
         return ""
+
+    def _chain(self, names: list[str]) -> Chain:
+        """A view running the named submodules in order, looked up now (module swaps reach it)."""
+        return Chain(*(self._submodule(name) for name in names))
+
+    def _submodule(self, name: str) -> nn.Module:
+        """The submodule at a dotted ``name``, read from the module tables: attribute lookup would find
+        this class's views where timm names children ``stem``, ``stages`` or ``head`` (ConvNeXt)."""
+        module: nn.Module = self
+        for part in name.split("."):
+            module = module._modules[part]
+        return module
 
     # ---- the staged interface -----------------------------------------------------------------
     def unavailable_outputs(self) -> dict[str, str]:
         return dict(self._unavailable)
 
     def runnable_views(self) -> tuple[nn.Module, list[nn.Module], nn.Module]:
-        """``(stem, stages, head pre)``, or a ValueError naming why this network has no such views."""
-        if self._views is None:
+        """``(stem, stages, head pre)``, built at every call, or a ValueError naming why this network has none."""
+        if self._view_names is None:
             raise ValueError(
                 f"{self.name} cannot be run stage by stage ({self._views_reason}): methods that run parts "
                 "of a network by themselves (SSKD, SOKD, KR) cannot use it; KD, DML and the terms can"
             )
-        return self._views
+        stem, groups, pre = self._view_names
+        return self._chain(stem), [self._chain(group) for group in groups], self._chain(pre)
 
     @property
     def stem(self) -> nn.Module:
