@@ -17,6 +17,7 @@ from distill.data.imagenet import ImageNetDataModule
 from distill.losses import FitNetTerm, KDTerm, SPTerm
 from distill.methods import OfflineKD
 from distill.methods.sokd import SOKD
+from distill.methods.sskd import SSKD, student_parts
 from distill.models import create_model, load_weights
 from distill.models.slimmable import make_slimmable, set_width
 from distill.models.staged import require_outputs
@@ -122,6 +123,23 @@ def test_a_term_reading_an_output_a_network_cannot_give_is_refused():
         ValueError, match="^SPTerm reads the student's feature, which timm/test_vit cannot give: forward_features"
     ):
         require_outputs("SPTerm", SPTerm.reads_teacher, teacher=create_model("resnet8"), student=net)
+
+
+def test_sskd_runs_a_timm_student_part_by_part_as_a_whole_and_refuses_a_vit():
+    """ConvNeXt's head norms after pooling: SSKD's head part must run it, and train its parameters."""
+    module = SSKD(student="timm/test_convnext", teacher="timm/test_resnet", num_classes=5, image_size=32)
+    student = module.student.eval()
+    x = torch.randn(2, 3, 32, 32)
+    h = x
+    parts = student_parts(student)
+    for part in parts:
+        h = part(h)
+    assert torch.allclose(h, student(x), atol=1e-6)
+    in_parts = [{id(p) for p in part.parameters()} for part in parts]
+    assert set().union(*in_parts) == {id(p) for p in student.parameters()}
+    assert {id(p) for p in student.timm_model.head.norm.parameters()} <= in_parts[-1]
+    with pytest.raises(ValueError, match="timm/test_vit cannot be run stage by stage"):
+        SSKD(student="timm/test_vit", student_kwargs={"img_size": 32}, teacher="resnet8", num_classes=5, image_size=32)
 
 
 class FirstBatch(pl.Callback):

@@ -47,6 +47,10 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x)[1])
 
+    def without_pre(self) -> Head:
+        """The head from its ``pre``'s output on: pooling and the classifier."""
+        return Head(self.classifier)
+
 
 class StagedNet(nn.Module):
     """Base class of the zoo: subclasses define the three views over their classic children.

@@ -50,15 +50,20 @@ def create_timm(name: str, num_classes: int, in_chans: int, **kwargs) -> TimmNet
 
 class TimmHead(Head):
     """The head view: ``pre`` (layers of ``forward_features`` after the last stage), then timm's
-    ``forward_head``: pooling (and any norm/MLP) up to the embedding, then ``classifier``."""
+    ``forward_head``: pooling (and any norm/MLP) up to the embedding, then ``classifier``. ``rest``
+    holds the layers ``forward_head`` runs, so the view's parameters are all the head's."""
 
-    def __init__(self, net: TimmNet, pre: nn.Module):
+    def __init__(self, net: TimmNet, pre: nn.Module, rest: list[nn.Module]):
         super().__init__(net.timm_model.get_classifier(), pre)
+        self.rest = nn.ModuleList(rest)
         self.__dict__["net"] = net  # unregistered: the view owns no parameters of its own
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feature = self.pre(x)
         return self.net.feature_map(feature), self.net.timm_model.forward_head(feature, pre_logits=True)
+
+    def without_pre(self) -> TimmHead:
+        return TimmHead(self.net, Chain(), list(self.rest))
 
 
 class TimmNet(StagedNet):
@@ -78,7 +83,7 @@ class TimmNet(StagedNet):
         self._unavailable = {
             f: "timm's feature API does not expose it" for f in StagedOutput._fields if f not in _PROVIDED
         }
-        self._view_names: tuple | None = None  # module names of stem, each stage, head pre; set when they replay
+        self._view_names: tuple | None = None  # names of stem, each stage, head pre, rest of head; set if they replay
         self._views_reason = ""
         self._inspect(in_chans)
 
@@ -131,7 +136,9 @@ class TimmNet(StagedNet):
         model = self.timm_model
         if not _same(model.get_classifier()(model.forward_head(final, pre_logits=True)), model.forward_head(final)):
             return "its head is not one classifier applied to forward_head(pre_logits=True)"
-        self._view_names = (stem, groups, pre)
+        if {id(p) for _, module in leaves for p in module.parameters()} != {id(p) for p in self.parameters()}:
+            return "it holds parameters outside its children"
+        self._view_names = (stem, groups, pre, tail[len(pre) :])
         return ""
 
     def _chain(self, names: list[str]) -> Chain:
@@ -157,7 +164,7 @@ class TimmNet(StagedNet):
                 f"{self.name} cannot be run stage by stage ({self._views_reason}): methods that run parts "
                 "of a network by themselves (SSKD, SOKD, KR) cannot use it; KD, DML and the terms can"
             )
-        stem, groups, pre = self._view_names
+        stem, groups, pre, _ = self._view_names
         return self._chain(stem), [self._chain(group) for group in groups], self._chain(pre)
 
     @property
@@ -170,7 +177,8 @@ class TimmNet(StagedNet):
 
     @property
     def head(self) -> Head:
-        return TimmHead(self, self.runnable_views()[2])
+        pre = self.runnable_views()[2]
+        return TimmHead(self, pre, [self._submodule(name) for name in self._view_names[3]])
 
     def train(self, mode: bool = True):
         super().train(mode)
