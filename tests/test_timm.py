@@ -66,6 +66,9 @@ def test_timm_names_are_kept_and_timm_checkpoints_load_strictly(tmp_path):
     assert torch.equal(net.eval()(x), source.eval()(x))
     net.layer1[0].conv1.weight.data.zero_()  # one module table: the network timm runs is this one
     assert torch.equal(net.timm_model.layer1[0].conv1.weight, torch.zeros_like(net.layer1[0].conv1.weight))
+    net.double()  # dtype and device moves reach timm's network through the shared tables
+    assert net.timm_model.bn1.running_mean.dtype == torch.float64
+    assert net(x.double()).dtype == torch.float64
     torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)  # a module swap reaches timm's network and the views
     assert isinstance(net.timm_model.bn1, torch.nn.SyncBatchNorm)
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in net.stem)
