@@ -172,7 +172,8 @@ def test_torchvision_weights_by_name_from_the_torch_hub_cache(caches):
     torch.save(source.state_dict(), folder / "mobilenet_v2-b0353104.pth")
     teacher, info = build_teacher("mobilenet_v2", name, num_classes=1000, in_chans=3)
     assert torch.equal(teacher.classifier[1].weight, source.classifier[1].weight)
-    assert info["weights"] == name and info["sha256"] == file_sha256(folder / "mobilenet_v2-b0353104.pth")
+    file = folder / "mobilenet_v2-b0353104.pth"
+    assert info == {"arch": "mobilenet_v2", "weights": str(file), "sha256": file_sha256(file), "name": name}
     with pytest.raises(ValueError, match="ResNet34_Weights.IMAGENET1K_V1 are not weights of mobilenet_v2"):
         build_teacher("mobilenet_v2", "torchvision:ResNet34_Weights.IMAGENET1K_V1", num_classes=1000, in_chans=3)
 
@@ -197,7 +198,7 @@ def test_timm_weights_by_name_from_the_hugging_face_cache(caches):
         teacher, info = build_teacher("timm/test_resnet", name, num_classes=5, in_chans=3)
         for key, value in source.state_dict().items():
             assert torch.equal(teacher.state_dict()[key], value), key
-        assert info == {"arch": "timm/test_resnet", "weights": name, "sha256": file_sha256(file), "file": str(file)}
+        assert info == {"arch": "timm/test_resnet", "weights": str(file), "sha256": file_sha256(file), "name": name}
     with pytest.raises(ValueError, match="are weights of timm/test_resnet, not of the teacher timm/test_vit"):
         build_teacher("timm/test_vit", "timm:test_resnet.r160_in1k", num_classes=5, in_chans=3)
 
@@ -207,7 +208,7 @@ def test_resuming_with_other_weights_under_the_same_name_is_refused(caches):
     kwargs = {"student": "timm/test_resnet", "teacher": "timm/test_resnet", "teacher_weights": "timm:test_resnet"}
     checkpoint = {}
     OfflineKD(**kwargs, num_classes=5).on_save_checkpoint(checkpoint)
-    assert checkpoint["distill_teacher"]["weights"] == "timm:test_resnet"
+    assert checkpoint["distill_teacher"]["name"] == "timm:test_resnet"
     _cache_timm_weights(caches, seed=1)  # the cache now holds other weights under the same name
     with pytest.raises(RuntimeError, match="teacher weights differ"):
         OfflineKD(**kwargs, num_classes=5).on_load_checkpoint(checkpoint)

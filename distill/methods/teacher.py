@@ -1,10 +1,9 @@
 """A frozen teacher that stays out of the optimiser, the checkpoint, DDP and SyncBatchNorm.
 
 The teacher is held as a plain attribute, not a registered child (DESIGN.md pitfalls): it is not in
-``state_dict`` (the checkpoint records its weights, a path or a name such as
-``torchvision:ResNet34_Weights.IMAGENET1K_V1`` or ``timm:resnet50.a1_in1k``, and the SHA-256 of the file
-they resolve to instead), DDP neither wraps nor
-broadcasts it, ``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.
+``state_dict`` (the checkpoint records its weights file and SHA-256 instead, and the name the file was
+resolved from, such as ``timm:resnet50.a1_in1k``), DDP neither wraps nor broadcasts it,
+``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.
 Device and dtype moves still reach it through :meth:`TeacherMixin._apply`.
 """
 
@@ -49,9 +48,9 @@ def build_teacher(
     load(teacher, str(file) if file else None)
     info = {"arch": name, "weights": None, "sha256": None}
     if weights:
-        info.update(weights=weights if is_named(weights) else str(Path(weights)), sha256=file_sha256(file))
+        info.update(weights=str(Path(file)), sha256=file_sha256(file))
     if is_named(weights):
-        info["file"] = str(file)
+        info["name"] = weights
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher, info

@@ -56,7 +56,7 @@ class TimmHead(Head):
     def __init__(self, net: TimmNet, pre: nn.Module, rest: list[nn.Module]):
         super().__init__(net.timm_model.get_classifier(), pre)
         self.rest = nn.ModuleList(rest)
-        self.__dict__["net"] = net  # unregistered: the view owns no parameters of its own
+        self.__dict__["net"] = net  # unregistered: a view does not own its network
 
     def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feature = self.pre(x)
