@@ -17,7 +17,7 @@ from torch import nn
 
 from ..losses.term import DistillTerm
 from ..models import create_model
-from ..models.staged import dry_run
+from ..models.staged import dry_run, require_outputs
 from ..stages import Stage
 from .base import MAIN, DistillModule
 from .card import RunCard, term_names
@@ -90,7 +90,10 @@ class OfflineKD(TeacherMixin, DistillModule):
         return build_teacher(name, weights, self.num_classes, self.in_chans, model_kwargs)
 
     def build_terms(self) -> None:
-        """Size every term's connectors from a dry run of both networks (eval mode, batch of 2)."""
+        """Size every term's connectors from a dry run of both networks (eval mode, batch of 2); first refuse
+        a term that reads an output a network cannot give ([chosen] terms read the same fields of both)."""
+        for term in self.terms:
+            require_outputs(type(term).__name__, term.reads_teacher, teacher=self.teacher, student=self.student)
         s = dry_run(self.student, self.in_chans, self.image_size)
         t = dry_run(self.teacher, self.in_chans, self.image_size)
         for term in self.terms:

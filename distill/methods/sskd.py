@@ -88,7 +88,7 @@ def student_parts(net: StagedNet) -> list[nn.Module]:
         Chain(net.stem, stages[0]),
         *stages[1:],
         head.pre,
-        Chain(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head.classifier),
+        head.without_pre(),
     ]
 
 
@@ -153,6 +153,7 @@ class SSKD(TeacherMixin, DistillModule):
         self.student = create_model(
             student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {})
         )
+        student_parts(self.student)  # refuses, now, a student that cannot run stage by stage
         self.attach_teacher(*build_teacher(teacher, teacher_weights, self.num_classes, self.in_chans, teacher_kwargs))
         s_channels = stage_channels(self.student, self.in_chans, self.image_size)
         t_channels = stage_channels(self.teacher, self.in_chans, self.image_size)

@@ -1,8 +1,9 @@
 """A frozen teacher that stays out of the optimiser, the checkpoint, DDP and SyncBatchNorm.
 
 The teacher is held as a plain attribute, not a registered child (DESIGN.md pitfalls): it is not in
-``state_dict`` (the checkpoint records its path and SHA-256 instead), DDP neither wraps nor
-broadcasts it, ``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.
+``state_dict`` (the checkpoint records its weights file and SHA-256 instead, and the name the file was
+resolved from, such as ``timm:resnet50.a1_in1k``), DDP neither wraps nor broadcasts it,
+``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.
 Device and dtype moves still reach it through :meth:`TeacherMixin._apply`.
 """
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from ..models import StagedNet, create_model, load_weights
+from ..models.pretrained import is_named, resolve_named
 from ..models.weights import file_sha256
 
 
@@ -33,18 +35,22 @@ def build_teacher(
     weights_key: str = "teacher_weights",
 ) -> tuple[StagedNet, dict]:
     """Create the teacher, ``load`` its weights (PWKD passes a slimmable loader), freeze it; return
-    it with a record of where it came from. ``weights_key`` is the argument a missing file is named by."""
-    if weights and not Path(weights).is_file():
+    it with a record of where it came from. ``weights`` is a path or a name resolved from the local
+    cache (:mod:`distill.models.pretrained`); ``weights_key`` is the argument a missing file is named by."""
+    file = resolve_named(weights, name, weights_key) if is_named(weights) else weights
+    if file and not Path(file).is_file():
         raise FileNotFoundError(
             f"teacher checkpoint {weights!r} ({name}) does not exist: train the teacher first "
             "(the config that sets this path "
             f"names, in its comments, the run that writes it) or set model.init_args.{weights_key}"
         )
     teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
-    load(teacher, weights)
+    load(teacher, str(file) if file else None)
     info = {"arch": name, "weights": None, "sha256": None}
     if weights:
-        info.update(weights=str(Path(weights)), sha256=file_sha256(weights))
+        info.update(weights=str(Path(file)), sha256=file_sha256(file))
+    if is_named(weights):
+        info["name"] = weights
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher, info

@@ -48,6 +48,10 @@ class Head(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x)[1])
 
+    def without_pre(self) -> Head:
+        """The head from its ``pre``'s output on: pooling and the classifier."""
+        return Head(self.classifier)
+
 
 class StagedNet(nn.Module):
     """Base class of the zoo: subclasses define the three views over their classic children.
@@ -66,6 +70,10 @@ class StagedNet(nn.Module):
     @property
     def head(self) -> Head:
         raise NotImplementedError
+
+    def unavailable_outputs(self) -> dict[str, str]:
+        """The :class:`StagedOutput` fields this network cannot give, each with the reason (none here)."""
+        return {}
 
     def forward_stages(self, x: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
         """Run the stem and the first ``upto`` stages (all by default); return each stage's output."""
@@ -111,6 +119,18 @@ def dry_run(model: StagedNet, in_chans: int, size: int, features: bool = True):
     build their terms from the student's and the teacher's dry runs)."""
     with evaluating(model):
         return model(probe(model, in_chans, size), features=features)
+
+
+def require_outputs(reader: str, fields: frozenset[str], **networks: StagedNet) -> None:
+    """Refuse, in one line, a ``reader`` (a term) that reads a field one of ``networks`` cannot give.
+
+    ``networks`` maps a role (``teacher``, ``student``) to its network.
+    """
+    for role, net in networks.items():
+        unavailable = net.unavailable_outputs()
+        for field in sorted(fields & unavailable.keys()):
+            name = getattr(net, "name", type(net).__name__)
+            raise ValueError(f"{reader} reads the {role}'s {field}, which {name} cannot give: {unavailable[field]}")
 
 
 def stage_channels(model: StagedNet, in_chans: int = 3, size: int = 32) -> list[int]:

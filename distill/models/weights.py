@@ -1,11 +1,32 @@
-"""Safe weight loading: plain state_dicts or Lightning checkpoints, always ``weights_only=True``."""
+"""Safe weight loading, always ``weights_only=True``: plain state_dicts, safetensors files, Lightning
+checkpoints and the peers' checkpoint formats.
+
+Peer formats (the network's state_dict is found under the first of ``state_dict``, ``model``, ``net``):
+
+- CRD benchmark (RepDistiller ``train_teacher.py``) teachers, also those mdistiller downloads:
+  ``{"epoch", "model", "accuracy" | "best_acc", "optimizer"}``; its ``*_last.pth`` adds ``"opt"``, an
+  ``argparse.Namespace``.
+- mdistiller runs: ``student_*`` files ``{"model"}``; full ``latest``/``best`` files
+  ``{"epoch", "model", "optimizer", "best_acc"}`` whose model is the DataParallel-wrapped distiller
+  (``module.student.*``, ``module.teacher.*``): the student is taken.
+- torchdistill ``save_ckpt``: ``{"model", "optimizer", "best_value", "lr_scheduler", "args"}`` (``args`` an
+  ``argparse.Namespace``).
+- community CIFAR checkpoints: a plain state_dict, or ``{"net", "acc", "epoch"}`` (pytorch-cifar style),
+  often with DataParallel's ``module.`` prefix.
+
+[chosen] ``argparse.Namespace`` is the one non-container class read (an attribute bag: nothing runs);
+any other pickled class is refused, naming it.
+"""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
+import re
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 # The trained network inside a method's checkpoint: ``student.`` (distillation methods) or ``model.``
@@ -36,12 +57,7 @@ def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, to
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle payloads and corrupt files both end here
-        raise WeightLoadError(
-            f"{path}: refused to load (only tensors and plain containers are accepted, weights_only=True): {err}"
-        ) from err
+    obj = _load(path)
     for key in ("state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -60,6 +76,29 @@ def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, to
     if not_tensors:
         raise WeightLoadError(f"{path}: expected tensors, but these entries are not: {', '.join(not_tensors[:10])}")
     return obj
+
+
+def _load(path: Path):
+    """The file's object: safetensors directly, anything else through ``torch.load(weights_only=True)``."""
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(path)
+        except Exception as err:
+            raise WeightLoadError(f"{path}: not a readable safetensors file: {err}") from err
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle payloads and corrupt files both end here
+        unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        reason = (
+            f"it pickles {unsupported.group(1)}, which weights_only=True does not read"
+            if unsupported
+            else str(err).strip().splitlines()[0]
+        )
+        raise WeightLoadError(
+            f"{path}: refused to load ({reason}; only tensors, plain containers and argparse.Namespace are read): "
+            "if you trust the file, re-save just its state_dict"
+        ) from err
 
 
 def _strip_wrappers(state: dict) -> dict:
