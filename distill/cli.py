@@ -38,10 +38,12 @@ LINKED = ("num_classes", "in_chans", "image_size")
 
 def default_run_name(config) -> str:
     """``<dataset>/<method>/<networks>`` from the resolved config, e.g. ``cifar100/offlinekd/resnet32x4-resnet8x4``;
-    the networks are those the method's card names (:meth:`~distill.methods.base.DistillModule.card`)."""
+    the networks are those the method's card names (:meth:`~distill.methods.base.DistillModule.card`), a
+    ``/`` in a name (``timm/resnet50``) written as ``_``."""
     dataset = config.data.class_path.rsplit(".", 1)[-1].removesuffix("DataModule").lower()
     cls = method_class(config.model.class_path)
-    return "/".join([dataset, cls.__name__.lower(), "-".join(cls.card(config.model.init_args).name_parts)])
+    networks = "-".join(cls.card(config.model.init_args).name_parts).replace("/", "_")  # timm/resnet50 -> timm_resnet50
+    return "/".join([dataset, cls.__name__.lower(), networks])
 
 
 def resumed_run(ckpt_path: str | None, save_dir: str) -> tuple[str, str] | None:
