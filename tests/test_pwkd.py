@@ -16,9 +16,10 @@ from torch import nn
 from distill.callbacks import StagePlan
 from distill.cli import build_cli, main
 from distill.losses import CRDTerm, FitNetTerm, KDTerm
+from distill.methods.base import refuse_lossy_sync_batchnorm
 from distill.methods.connectors import PerStageConnector, SlicedConnector
 from distill.methods.pwkd import PWKD
-from distill.methods.slimmable_supervised import SlimmableSupervised, reject_sync_batchnorm
+from distill.methods.slimmable_supervised import SlimmableSupervised
 from distill.models import create_model
 from distill.models.cifar.mobilenetv2 import MobileNetV2, conv_bn_relu
 from distill.models.cifar.resnet import THIN, CifarResNet
@@ -257,9 +258,9 @@ def test_slimmable_teacher_starts_from_an_ordinary_one_and_refuses_sync_batchnor
     x = torch.randn(2, 1, 16, 16)
     module.eval(), ordinary.eval()
     assert torch.equal(module(x), ordinary(x))
-    module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
-    with pytest.raises(ValueError, match="sync_batchnorm"):
-        reject_sync_batchnorm(module.model)
+    with pytest.raises(ValueError, match=r"replace model.bn1 \(SlimmableBatchNorm2d, a BatchNorm with behaviour"):
+        refuse_lossy_sync_batchnorm({"model": module.model})
+    refuse_lossy_sync_batchnorm({"model": ordinary})  # plain BatchNorms convert without loss
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from distill.cli import main
 from distill.data.imagenet import ImageNetDataModule
 from distill.losses import FitNetTerm, KDTerm, SPTerm
 from distill.methods import OfflineKD
+from distill.methods.base import refuse_lossy_sync_batchnorm
 from distill.methods.sokd import SOKD
 from distill.methods.sskd import SSKD, student_parts
 from distill.models import create_model, load_weights
@@ -242,3 +243,12 @@ def test_timm_pair_configs_parse(pair, capsys):
     assert args["teacher"].startswith("timm/") and args["student"].startswith("timm/")
     assert args["teacher_weights"].startswith("timm:")
     assert len(TIMM_PAIRS) >= 2
+
+
+def test_sync_batchnorm_that_would_drop_timms_fused_activation_is_refused():
+    """torch's SyncBatchNorm conversion turns timm's BatchNormAct2d into a plain SyncBatchNorm without its
+    activation; a method refuses that before the strategy converts anything."""
+    net = create_model("timm/test_efficientnet", num_classes=10, in_chans=3)
+    with pytest.raises(ValueError, match=r"replace student\.bn1 \(BatchNormAct2d, a BatchNorm with behaviour"):
+        refuse_lossy_sync_batchnorm({"student": net})
+    refuse_lossy_sync_batchnorm({"student": create_model("timm/test_resnet", num_classes=10, in_chans=3)})

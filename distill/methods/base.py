@@ -36,6 +36,23 @@ def top_k_metrics(num_classes: int) -> nn.ModuleDict:
     )
 
 
+PLAIN_BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def refuse_lossy_sync_batchnorm(networks: dict[str, nn.Module]) -> None:
+    """``sync_batchnorm`` replaces every BatchNorm by a plain ``SyncBatchNorm``: a BatchNorm subclass with
+    behaviour of its own (timm's fused BatchNorm + activation, a slimmable network's per-width
+    BatchNorms) would lose it silently, so it is refused, naming the layer."""
+    for name, net in networks.items():
+        for path, module in net.named_modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in PLAIN_BATCHNORMS:
+                raise ValueError(
+                    f"trainer.sync_batchnorm=true would replace {name}.{path} ({type(module).__name__}, a BatchNorm "
+                    "with behaviour of its own) by a plain SyncBatchNorm and silently drop that behaviour; "
+                    "train without sync_batchnorm"
+                )
+
+
 def require_unused_parameter_search(strategy, owner: str) -> None:
     """Refuse DDP without ``find_unused_parameters`` for a method that leaves parameters unused."""
     if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
@@ -199,6 +216,10 @@ class DistillModule(pl.LightningModule):
         return nets + ([teacher] if teacher is not None else [])
 
     def configure_model(self) -> None:
+        """Before the strategy wraps the module: refuse a lossy SyncBatchNorm conversion, then apply the
+        memory-format and compile switches to every network."""
+        if getattr(self.trainer.strategy, "_layer_sync", None) is not None:  # trainer.sync_batchnorm=true
+            refuse_lossy_sync_batchnorm(dict(self.named_children()))
         if self._networks_configured:
             return
         self._networks_configured = True

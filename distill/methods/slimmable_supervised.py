@@ -11,7 +11,6 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..models import create_model
 from ..models.slimmable import DEFAULT_WIDTHS, check_widths, load_slimmable, make_slimmable, set_width, width_name
@@ -23,15 +22,6 @@ def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor, temper
     """τ² · cross-entropy of softmax(logits/τ) against softmax(target_logits/τ), batch mean, float32."""
     target = F.softmax(target_logits.float() / temperature, dim=1)
     return -(target * F.log_softmax(logits.float() / temperature, dim=1)).sum(1).mean() * temperature**2
-
-
-def reject_sync_batchnorm(model: nn.Module) -> None:
-    """Per-width BatchNorms do not survive ``sync_batchnorm=True`` (it replaces them with one SyncBatchNorm)."""
-    if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-        raise ValueError(
-            "trainer.sync_batchnorm=True is not supported with slimmable networks "
-            "(it merges their per-width BatchNorms)"
-        )
 
 
 class SlimmableSupervised(DistillModule):
@@ -94,10 +84,6 @@ class SlimmableSupervised(DistillModule):
 
     def forward(self, images):
         return self.model(images)
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        reject_sync_batchnorm(self.model)
 
     def training_losses(self, images, targets, index):
         losses = {}
