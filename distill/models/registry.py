@@ -26,7 +26,12 @@ def list_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def create_model(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs) -> StagedNet:
+def create_model(name: str, num_classes: int = 100, in_chans: int = 3, preacts: bool = False, **kwargs) -> StagedNet:
+    """``preacts=True``: the features also carry the stages' pre-activations (:meth:`StagedNet.keep_preacts`),
+    which OFD and ReviewKD read; an architecture that defines none is refused."""
     if name not in _REGISTRY:
         raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if preacts:
+        model.keep_preacts()
+    return model
