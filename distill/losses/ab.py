@@ -23,6 +23,9 @@ def ab_loss(stages_s: Sequence[torch.Tensor], stages_t: Sequence[torch.Tensor], 
     benchmark's ``ABLoss`` returns these terms times 3/1000 (its init phase's effective weight).
     Float32 (autocast off), teacher detached.
     """
+    shapes_s, shapes_t = [tuple(f.shape) for f in stages_s], [tuple(f.shape) for f in stages_t]
+    if shapes_s != shapes_t:
+        raise ValueError(f"AB compares maps of equal shapes (connector outputs), got {shapes_s} and {shapes_t}")
     n = len(stages_s)
     total = stages_s[0].new_zeros((), dtype=torch.float32)
     with torch.autocast(stages_s[0].device.type, enabled=False):

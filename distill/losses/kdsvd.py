@@ -26,6 +26,12 @@ def singular_vectors(feature: torch.Tensor, n: int) -> tuple[torch.Tensor, torch
     return F.normalize(v, dim=1), F.normalize(_finite(s)[:, :n], dim=1)
 
 
+def _canonical_signs(v: torch.Tensor) -> torch.Tensor:
+    """Each vector (a column of (B, C, k)) flipped so that its largest-magnitude entry is positive."""
+    peak = v.gather(1, v.abs().argmax(dim=1, keepdim=True))
+    return v * torch.where(peak < 0, -1.0, 1.0)
+
+
 def _align_signs(v_s: torch.Tensor, v_t: torch.Tensor) -> torch.Tensor:
     """For each teacher vector, the student vector of largest |cosine|, sign-flipped to agree: (B, C, k)."""
     cosine = v_s.transpose(1, 2) @ v_t  # (B, k_s, k_t)
@@ -53,7 +59,9 @@ def kdsvd_loss(stages_s: Sequence[torch.Tensor], stages_t: Sequence[torch.Tensor
 
     At every stage the teacher's first ``k`` right singular vectors (channel space) are scaled by its
     normalised singular values; the student's first ``k + 3`` are matched to them by |cosine|
-    (sign-aligned) and scaled by the same values. Between consecutive stages an RBF kernel relates
+    (sign-aligned) and scaled by the same values. [chosen] The teacher's vectors are sign-normalised
+    (largest-magnitude entry positive): the benchmark keeps whatever signs the SVD routine returns,
+    on which the loss depends. Between consecutive stages an RBF kernel relates
     every channel pair; non-finite squared differences count as 0. Student and teacher need the
     same channel count at every stage. Float32 (autocast off), teacher detached.
     """
@@ -63,6 +71,7 @@ def kdsvd_loss(stages_s: Sequence[torch.Tensor], stages_t: Sequence[torch.Tensor
         before = None
         for f_s, f_t in zip(stages_s, stages_t):
             v_t, s_t = singular_vectors(f_t.detach().float(), k)
+            v_t = _canonical_signs(v_t)
             v_s, _ = singular_vectors(f_s.float(), k + 3)
             v_s, v_t = _align_signs(v_s, v_t) * s_t.unsqueeze(1), v_t * s_t.unsqueeze(1)
             if before is not None:
