@@ -92,9 +92,10 @@ class OFDTerm(DistillTerm):
         for i, (f, bn) in enumerate(zip(t, norms)):
             if bn is None or bn[0].shape != (f.shape[1],):
                 stage = len(teacher.preacts) - len(t) + i
+                found = "none" if bn is None else f"one of {bn[0].numel()} channels"
                 raise ValueError(
-                    f"OFDTerm takes its margin from the BatchNorm before the teacher's pre-activation, and the "
-                    f"teacher has none for its stage {stage} ({f.shape[1]} channels): choose another teacher"
+                    f"OFDTerm takes its margin from the BatchNorm before the teacher's pre-activation; for the "
+                    f"teacher's stage {stage} ({f.shape[1]} channels) there is {found}: choose another teacher"
                 )
         device = student.logits.device
         self.connectors = nn.ModuleList(OFDConnector(a.shape[1], b.shape[1]) for a, b in zip(s, t)).to(device)

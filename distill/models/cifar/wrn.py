@@ -90,7 +90,7 @@ class WideResNet(StagedNet):
         return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
 
     def forward_preacts(self, x):
-        x = self.conv1(x)
+        x = self.stem(x)
         outputs, preacts, act = [], [], None
         for stage, norm in zip(self.stages, self.preact_norms()):
             first = stage.layer[0]
