@@ -8,6 +8,8 @@ known to be the reference formula.
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -745,3 +747,23 @@ def test_two_process_ddp_keeps_vid_ofd_and_reviewkd_state_identical(tmp_path, di
     rank0, rank1 = run_two_ranks(args, tmp_path)
     assert any(".log_scale" in k for k in rank0) and any("abfs.0.conv1.1.running_mean" in k for k in rank0)
     assert_same_tensors(rank0, rank1)
+
+
+def test_reproduction_covers_the_new_rows(tmp_path):
+    script = CONFIGS.parent / "scripts/reproduce_cifar100.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--dry-run", "--methods", "all", "--seeds", "0"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    commands = result.stdout.splitlines()
+    runs = {m: [c for c in commands if f"/methods/{m}.yaml " in c] for m in NEW_METHODS}
+    assert {m: len(c) for m, c in runs.items()} == {m: 5 if m == "kdsvd" else 10 for m in NEW_METHODS}
+    assert len(commands) == 6 + 9 + 10 * 18 + 5  # teachers, students, 19 methods on every pair but KDSVD
+    weights = {
+        c.split("/pairs/")[1].split(".yaml")[0]: c.split("weight=")[1] for c in runs["reviewkd"] if "weight=" in c
+    }
+    assert weights["resnet32x4_resnet8x4"] == "5.0" and "vgg13_vgg8" not in weights
