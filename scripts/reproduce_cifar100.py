@@ -32,7 +32,10 @@ with E = 240 epochs, S seeds and t the seconds one epoch takes on one GPU. Witho
 distillation epoch is about the student's epoch plus the teacher's forward pass (a rule of thumb: a
 forward is roughly a third of a training step), t_(pair,m) ≈ t_s + t_T / 3, more for CRD (its
 memory bank). The defaults (10 pairs, 5 methods, 3 seeds) make 6 teachers + 9 students × 3 seeds +
-150 method runs = 183 jobs.
+150 method runs = 183 jobs. ``--methods all`` adds the other methods without an initialisation phase
+(SP, RKD, PKT, CRD+KD, CC, VID, NST, KDSVD, OFD, ReviewKD, DIST, and KD/DKD/DIST with logit
+standardisation): KDSVD only on the five pairs of equal stage widths, ReviewKD with the official
+scripts' per-pair weights; 6 + 27 + (10 × 18 + 5) × 3 = 588 jobs.
 """
 
 from __future__ import annotations
@@ -49,6 +52,25 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "lightning_configs"
 SBATCH = Path(__file__).resolve().with_suffix(".sbatch")
 ANCHOR_METHODS = ["kd", "fitnet", "at", "crd", "dkd"]  # the anchor table's columns (METHODS.md §1)
+# The benchmarks' other rows that need no initialisation phase; `--methods all` runs them too.
+MORE_METHODS = ["sp", "rkd", "pkt", "crd_kd", "cc", "vid", "nst", "kdsvd", "ofd", "reviewkd", "dist"]
+MORE_METHODS += ["kd_ls", "dkd_ls", "dist_ls"]
+# KDSVD relates singular vectors channel by channel: only pairs with equal stage widths.
+ONLY_ON = {
+    "kdsvd": {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "vgg13_vgg8"}
+}
+# The official ReviewKD scripts' per-pair loss weights (its default, 1, elsewhere).
+OVERRIDES = {
+    ("reviewkd", pair): [f"--model.init_args.terms.init_args.weight={weight}"]
+    for pair, weight in {
+        "resnet32x4_resnet8x4": 5.0,
+        "wrn_40_2_wrn_16_2": 5.0,
+        "wrn_40_2_wrn_40_1": 5.0,
+        "resnet32x4_ShuffleV1": 5.0,
+        "resnet32x4_ShuffleV2": 8.0,
+        "resnet56_resnet20": 0.6,
+    }.items()
+}
 
 
 @dataclass
@@ -115,12 +137,18 @@ def plan(pairs: list[str], methods: list[str], seeds: list[int], runs: Path) -> 
         weights = teacher_dir(runs, teacher) / "checkpoints/last.ckpt"
         pair_file = CONFIGS / "cifar100/pairs" / f"{pair}.yaml"
         for method in methods:
+            if pair not in ONLY_ON.get(method, (pair,)):
+                continue
             for seed in seeds:
                 jobs.append(
                     Job(
                         f"cifar100/{method}/{pair}/seed{seed}",
                         [pair_file, CONFIGS / "methods" / f"{method}.yaml"],
-                        [f"--model.init_args.teacher_weights={weights}", f"--seed_everything={seed}"],
+                        [
+                            f"--model.init_args.teacher_weights={weights}",
+                            f"--seed_everything={seed}",
+                            *OVERRIDES.get((method, pair), []),
+                        ],
                     )
                 )
     return teachers, jobs
@@ -163,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pairs", nargs="+", default=pairs, help="pair files (stems) to run (default: all)")
     parser.add_argument(
-        "--methods", nargs="+", default=ANCHOR_METHODS, help=f"method files (default: {' '.join(ANCHOR_METHODS)})"
+        "--methods",
+        nargs="+",
+        default=ANCHOR_METHODS,
+        help=f"method files, or 'all' for these and {' '.join(MORE_METHODS)} (default: {' '.join(ANCHOR_METHODS)})",
     )
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds (default: 0 1 2)")
     parser.add_argument("--runs", type=Path, default=Path("runs"), help="save_dir of every run (default: runs)")
@@ -173,7 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("extra", nargs="*", help="after --: arguments added to every distill fit")
     args = parser.parse_args(argv)
     runs = args.runs.resolve()
-    teachers, jobs = plan(args.pairs, args.methods, args.seeds, runs)
+    methods = ANCHOR_METHODS + MORE_METHODS if args.methods == ["all"] else args.methods
+    teachers, jobs = plan(args.pairs, methods, args.seeds, runs)
     commands = [[shlex.join(job.command(runs, args.extra)) for job in group] for group in (teachers, jobs)]
     print(f"{len(teachers)} teachers, then {len(jobs)} student and method runs", file=sys.stderr)
     if args.dry_run:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..models.staged import StagedOutput
 
-TEACHER_FIELDS = frozenset(StagedOutput._fields)
+TEACHER_FIELDS = frozenset(StagedOutput._fields) - {"preacts", "preact_bn"}
 
 
 class DistillTerm(nn.Module):
@@ -21,7 +21,9 @@ class DistillTerm(nn.Module):
 
     ``reads_teacher`` names the :class:`StagedOutput` fields the term reads from the teacher; a term
     that reads only ``logits`` can distil from stored teacher logits and from any architecture that
-    has no stages. The default is every field (the conservative answer).
+    has no stages. The default is every field but the pre-activations (the conservative answer).
+    ``reads_student`` names those it reads from the student (``None``: the same). The engine refuses a
+    network that cannot give a field a term reads, and asks for the pre-activations where one does.
 
     A term with an initialisation phase (AB, FT, FSP in the CRD benchmark) sets ``init_epochs``: the
     offline engine then runs one stage of that many epochs before its own, at a constant LR, that
@@ -32,6 +34,7 @@ class DistillTerm(nn.Module):
 
     name: str = "term"
     reads_teacher: frozenset[str] = TEACHER_FIELDS
+    reads_student: frozenset[str] | None = None
     init_epochs: int = 0
     init_trains_student: bool = False
     used_after_init: bool = True
@@ -46,6 +49,11 @@ class DistillTerm(nn.Module):
     def setup_data(self, targets: torch.Tensor) -> None:
         """Size per-sample state (e.g. CRD's memory) from the training split's labels (one per
         sample, in dataset-index order); called at fit setup, before a checkpoint is restored."""
+
+    @property
+    def student_fields(self) -> frozenset[str]:
+        """The fields read from the student."""
+        return self.reads_teacher if self.reads_student is None else self.reads_student
 
     def weight_at(self, epoch: int) -> float:
         """The weight in force at ``epoch`` (0-based); constant unless a method warms it up."""

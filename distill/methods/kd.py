@@ -91,9 +91,16 @@ class OfflineKD(TeacherMixin, DistillModule):
 
     def build_terms(self) -> None:
         """Size every term's connectors from a dry run of both networks (eval mode, batch of 2); first refuse
-        a term that reads an output a network cannot give ([chosen] terms read the same fields of both)."""
+        a term that reads an output a network cannot give, and make the networks keep their pre-activations
+        where a term reads them (OFD, ReviewKD)."""
         for term in self.terms:
-            require_outputs(type(term).__name__, term.reads_teacher, teacher=self.teacher, student=self.student)
+            for role, net, fields in (
+                ("teacher", self.teacher, term.reads_teacher),
+                ("student", self.student, term.student_fields),
+            ):
+                require_outputs(type(term).__name__, fields, **{role: net})
+                if "preacts" in fields:
+                    net.keep_preacts()
         s = dry_run(self.student, self.in_chans, self.image_size)
         t = dry_run(self.teacher, self.in_chans, self.image_size)
         for term in self.terms:

@@ -102,6 +102,10 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d, Slimmable):
 
     per_width: nn.ModuleDict
 
+    def active(self) -> nn.BatchNorm2d:
+        """The BatchNorm the active width runs."""
+        return self if self.width == 1.0 else self.per_width[width_name(self.width)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.width == 1.0:
             return super().forward(x)
