@@ -218,7 +218,8 @@ class DistillModule(pl.LightningModule):
     def configure_model(self) -> None:
         """Before the strategy wraps the module: refuse a lossy SyncBatchNorm conversion, then apply the
         memory-format and compile switches to every network."""
-        if getattr(self.trainer.strategy, "_layer_sync", None) is not None:  # trainer.sync_batchnorm=true
+        trainer = self._trainer  # None when the module is configured outside a Trainer
+        if trainer is not None and getattr(trainer.strategy, "_layer_sync", None) is not None:  # sync_batchnorm
             refuse_lossy_sync_batchnorm(dict(self.named_children()))
         if self._networks_configured:
             return
