@@ -310,6 +310,6 @@ class SSKD(TeacherMixin, DistillModule):
             losses["ce"] = F.cross_entropy(logits.float(), targets)
         return losses, logits
 
-    def training_step(self, batch, batch_idx):
-        self.log("phase", float(self.phase_index + 1), on_step=False, on_epoch=True, batch_size=len(batch[1]))
-        return super().training_step(batch, batch_idx)
+    def on_train_epoch_end(self) -> None:
+        super().on_train_epoch_end()
+        self.log("phase", float(self.phase_index + 1), on_epoch=True, batch_size=1)  # 1-based, constant in an epoch
