@@ -59,7 +59,8 @@ class DistillModule(pl.LightningModule):
         channels_last: run every network (teacher included) and its inputs in channels-last memory
             format (faster convolutions on GPUs with tensor cores, notably under ``bf16-mixed``).
         compile: ``torch.compile`` every network in place (``nn.Module.compile``), so checkpoint
-            keys do not change.
+            keys do not change: ``true`` (the default mode) or a mode name, e.g. ``reduce-overhead``
+            (CUDA graphs: it pays once the step has no host synchronisation).
 
     Mixed precision is the Trainer's: ``--trainer.precision bf16-mixed``. Losses cast to fp32 and the
     frozen teacher runs under the same autocast, i.e. in reduced precision.
@@ -80,7 +81,7 @@ class DistillModule(pl.LightningModule):
         lr_schedule: Schedule | None = None,
         lr_reference_batch: int | None = None,
         channels_last: bool = False,
-        compile: bool = False,
+        compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False,
     ):
         super().__init__()
         self.num_classes, self.in_chans, self.image_size = num_classes, in_chans, image_size
@@ -127,7 +128,7 @@ class DistillModule(pl.LightningModule):
             if self.channels_last:
                 net.to(memory_format=torch.channels_last)
             if self.compile_networks:
-                net.compile()
+                net.compile(**({} if self.compile_networks is True else {"mode": self.compile_networks}))
 
     def format_input(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
