@@ -31,12 +31,15 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 	$(BIN)/ruff format .
 
 bench: $(STAMP)  ## CPU speed measurements, as ratios against plain PyTorch baselines
+	$(BIN)/python benchmarks/step_overhead.py --device cpu --threads 1 --clock cpu
 	$(BIN)/python benchmarks/overhead.py --device cpu
 	$(BIN)/python benchmarks/data.py --device cpu
 	$(BIN)/python benchmarks/imagenet_data.py --device cpu
 	$(BIN)/python benchmarks/pwkd_width.py --device cpu
 
 bench-gpu: $(STAMP)  ## the same on a GPU, plus seconds per CIFAR-100 epoch (fp32 and bf16 + channels_last + compile)
+	$(BIN)/python benchmarks/step_overhead.py --device cuda
+	$(BIN)/python benchmarks/step_overhead.py --device cuda --compile
 	$(BIN)/python benchmarks/overhead.py --device cuda
 	$(BIN)/python benchmarks/data.py --device cuda
 	$(BIN)/python benchmarks/imagenet_data.py --device cuda --workers 8

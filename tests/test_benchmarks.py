@@ -13,6 +13,15 @@ ROW_KEYS = {
     "imagenet_data": {"pipeline", "median_s", "images_per_s", "speedup"},
     "pwkd_width": {"teacher", "width", "median_ms", "ratio", "ideal"},
     "gpu_epoch": {"side", "epoch_s", "images_per_s", "projected_240_epochs_h", "epochs_s"},
+    "step_overhead": {
+        "batch_size",
+        "distill_s_per_step",
+        "plain_s_per_step",
+        "ratio",
+        "host_overhead_ms",
+        "distill_peak_rss_mb",
+        "plain_peak_rss_mb",
+    },
 }
 
 

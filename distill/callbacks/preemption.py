@@ -119,6 +119,8 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.signals or self.stopping or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # stop only after an optimiser step: accumulated gradients are not checkpointed
+        if trainer.world_size == 1 and not self.received:
+            return  # a single process decides alone: no signal, nothing to do
         if trainer.strategy.reduce_boolean_decision(bool(self.received), all=False):
             self.stopping = True
             self._raise_flag(trainer, True)  # Lightning stops after this step's LR update

@@ -12,6 +12,7 @@ Used by CIFAR-100 and Fashion-MNIST.
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -59,10 +60,18 @@ def already_collated(batch):
     return batch
 
 
+@functools.lru_cache(maxsize=16)
+def scale_and_shift(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    """The per-channel ``(scale, shift)`` of :func:`normalize` on ``device``, made once: a tensor
+    built from a list on a GPU is a synchronous copy, which a training step must not wait for."""
+    scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+    return scale, shift
+
+
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` → float32 scaled to [0, 1] and normalised per channel, as one scale and shift."""
-    scale = torch.tensor([1 / (255 * s) for s in std], device=images.device).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, -1, 1, 1)
+    scale, shift = scale_and_shift(tuple(mean), tuple(std), images.device)
     return images.float().mul_(scale).add_(shift)
 
 

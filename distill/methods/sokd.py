@@ -280,6 +280,7 @@ class SOKD(OfflineKD):
         return {MAIN: self.student(images), "kbm": kbm, "teacher": t.logits}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self.teacher_bn == "train" and self.trainer.world_size > 1:
             self._average_teacher_buffers()
 

@@ -80,8 +80,9 @@ class TeacherMixin:
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Lightning does not call ``train()`` when fitting starts and, after validation, restores the
-        # modes of registered modules only: the unregistered teacher's mode is set here.
-        self.teacher.train(self.teacher_train_mode)
+        # modes of registered modules only: the unregistered teacher's mode is set here (when it differs).
+        if self.teacher.training != self.teacher_train_mode:
+            self.teacher.train(self.teacher_train_mode)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

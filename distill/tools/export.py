@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..finite import NonFiniteError, nonfinite_tensors, nonfinite_weights_message
 from ..methods.card import Network, method_class
 from ..models import create_model, read_state_dict
 from ..models.slimmable import checkpoint_widths, make_slimmable, set_width
@@ -131,6 +132,9 @@ def load_network(
         make_slimmable(model, widths, shape["image_size"])
     elif width is not None:
         raise ValueError(f"{path}: --width {width} needs a slimmable network (a SlimmableSupervised checkpoint)")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NonFiniteError(nonfinite_weights_message(f"{path}: the {network}", bad))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -203,9 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--in-chans", type=int)
     parser.add_argument("--image-size", type=int, help="input side used to trace (default: the run's)")
     args = parser.parse_args(argv)
-    net = load_network(
-        args.checkpoint, args.network, args.width, args.arch, args.num_classes, args.in_chans, args.image_size
-    )
+    try:
+        net = load_network(
+            args.checkpoint, args.network, args.width, args.arch, args.num_classes, args.in_chans, args.image_size
+        )
+    except NonFiniteError as error:
+        raise SystemExit(f"distill export: {error}") from None
     for path in export(net, args.out, args.formats, args.network, args.name).values():
         print(path)
 
