@@ -249,15 +249,16 @@ def test_reproduction_dry_run_counts_the_teacher_passes_saved(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     commands = result.stdout.splitlines()
-    caches = [c for c in commands if " cache-teacher " in c]
-    assert len(caches) == 2 * 2  # (resnet56, resnet32x4) x seeds 0, 1
+    caches = [c for c in commands if " -m distill.cli cache-teacher " in c]
+    stores = [tmp_path / f"r/teacher_cache/cifar100/{teacher}/seed0" for teacher in ("resnet56", "resnet32x4")]
+    assert [c.split(" --out ")[1].split()[0] for c in caches] == [str(s) for s in stores]  # one per teacher
     cached = [c for c in commands if "--model.init_args.teacher_cache=" in c]
-    assert len(cached) == 3 * 2 * 2  # kd and dkd of three pairs, two seeds; fitnet reads features
-    assert "4 teacher passes serve 12 runs: 8 passes saved" in result.stderr
-    store = tmp_path / "r/cifar100/teacher_cache/resnet32x4/seed1"
-    assert any(c.endswith(f"--model.init_args.teacher_cache={store}") and "resnet32x4_ShuffleV1" in c for c in cached)
-    fits = [c for c in commands if " fit " in c and "supervised/resnet" not in c]
-    assert all("--data.init_args.pipeline=device" in c for c in fits + caches)
+    assert len(cached) == 3 * 2 * 2  # kd and dkd of three pairs, two seeds; fitnet reads teacher features
+    assert "teacher cache: 2 teacher passes serve 12 runs: 10 passes saved" in result.stderr
+    assert not any("/fitnet/" in c for c in cached)
+    assert commands.index(caches[-1]) < min(commands.index(c) for c in cached)  # stores first
+    students_and_methods = [c for c in commands if "cifar100/supervised/" not in c.split("init_args.name=")[-1]]
+    assert all("--data.init_args.pipeline=device" in c for c in students_and_methods)
 
 
 def test_fake_cifar_device_pipeline_round_trip(tmp_path, monkeypatch):
