@@ -13,6 +13,14 @@ ROW_KEYS = {
     "imagenet_data": {"pipeline", "median_s", "images_per_s", "speedup"},
     "pwkd_width": {"teacher", "width", "median_ms", "ratio", "ideal"},
     "gpu_epoch": {"side", "epoch_s", "images_per_s", "projected_240_epochs_h", "epochs_s"},
+    "teacher_cache": {
+        "pair",
+        "live_median_s",
+        "cached_median_s",
+        "speedup",
+        "cache_pass_vs_epoch",
+        "store_bytes_per_epoch",
+    },
 }
 
 
