@@ -19,12 +19,14 @@ from distill.callbacks.preemption import PreemptionCheckpoint
 from distill.cli import main
 from distill.data import CIFAR100DataModule, DigitsDataModule
 from distill.data.teacher_cache import TeacherCache, TeacherCacheWriter, replay_refusal
-from distill.losses import ATTerm, FitNetTerm, KDTerm
-from distill.methods import OfflineKD
+from distill.losses import ATTerm, DKDTerm, FitNetTerm, KDTerm
+from distill.methods import DML, OfflineKD
+from distill.methods.kr import KR
 from distill.methods.sokd import SOKD
 from distill.methods.teacher import TeacherMixin
 from distill.models import create_model
 from distill.models.slimmable import make_slimmable
+from distill.tools.cache_teacher import refusal
 from distill.tools.runs import read_metrics
 
 FULL_EPOCHS = [a for a in FAST if not a.startswith("--trainer.limit_train_batches")]  # 5 batches, the last of 16
@@ -175,6 +177,18 @@ def test_a_term_reading_teacher_features_refuses_the_cache(tmp_path, terms, name
     assert named in str(error.value)
     with pytest.raises(ValueError, match="SOKD's training step reads the teacher's embedding, feature, stages"):
         SOKD(teacher_cache=str(tmp_path / "store"), **digits)
+
+
+def test_logit_methods_accept_the_cache_and_methods_without_one_are_refused_by_the_pass(tmp_path):
+    store = str(tmp_path / "store")  # opened at fit setup, not at construction
+    digits = dict(student="resnet8", teacher="resnet20", num_classes=10, in_chans=1, image_size=16)
+    for method in (
+        OfflineKD(terms=[KDTerm(), DKDTerm()], teacher_cache=store, **digits),
+        KR(terms=[KDTerm()], teacher_cache=store, **digits),
+    ):
+        assert refusal(method, DigitsDataModule()) is None
+    dml = DML(student="resnet8", num_classes=10, in_chans=1, image_size=16)
+    assert refusal(dml, DigitsDataModule()).startswith("DML is not an offline KD method")
 
 
 def test_worker_pipelines_are_refused(tmp_path):

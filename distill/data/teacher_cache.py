@@ -26,6 +26,7 @@ import hashlib
 import json
 import math
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ STORE_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bflo
 _NUMPY_VIEW = {"fp32": np.float32, "fp16": np.float16, "bf16": np.uint16}
 # DataModule attributes that shape the training batches, recorded where the DataModule has them
 DATA_SETTINGS = ("pipeline", "image_size", "pad", "flip", "mean", "std", "train_fraction", "test_fraction")
+COMMIT_EVERY_S = 30.0  # an interrupted pass loses at most about this much work
 
 
 @dataclass(frozen=True)
@@ -223,7 +225,8 @@ def _fsync_dir(path: Path) -> None:
 
 
 class TeacherCacheWriter:
-    """Appends a schedule's logits, in row order, to ``<out>.partial/``; :meth:`finish` renames it to ``out``.
+    """Appends a schedule's logits, in row order, to ``<out>.partial/`` (committed at least every
+    ``COMMIT_EVERY_S`` seconds and on :meth:`commit`); :meth:`finish` renames it to ``out``.
 
     ``meta`` is the store's ``meta.json`` but for how the pass went (added by :meth:`finish`). An
     existing ``<out>.partial`` started with the same ``meta`` is continued after its last commit; one
@@ -251,6 +254,7 @@ class TeacherCacheWriter:
             _write_json(self.partial / "meta.json", meta)
         self._logits = self._open("logits.bin", self.rows * self.row_bytes)
         self._index = self._open("index.bin", self.rows * 4)
+        self.committed_at = time.monotonic()
 
     def _open(self, name: str, size: int):
         """The file opened for appending after its first ``size`` bytes (what was committed)."""
@@ -266,6 +270,8 @@ class TeacherCacheWriter:
         self._logits.write(memoryview(rows.view(-1).view(torch.uint8).numpy()))
         self._index.write(memoryview(index.detach().to("cpu", torch.int32).contiguous().numpy()))
         self.rows += len(rows)
+        if time.monotonic() - self.committed_at > COMMIT_EVERY_S:
+            self.commit()
 
     def commit(self) -> None:
         """Make the rows appended so far durable and record them: a resumed pass continues after them."""
@@ -273,6 +279,7 @@ class TeacherCacheWriter:
             handle.flush()
             os.fsync(handle.fileno())
         _write_json(self.partial / "progress.json", {"rows": self.rows})
+        self.committed_at = time.monotonic()
 
     def finish(self, extra_meta: dict) -> Path:
         """Check every row was written, complete ``meta.json`` with ``extra_meta``, rename to ``out``."""

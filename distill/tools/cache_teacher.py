@@ -53,8 +53,6 @@ from ..data.teacher_cache import (
 )
 from ..methods.kd import OfflineKD, teacher_cache_refusals
 
-COMMIT_EVERY_S = 30.0  # an interrupted pass loses at most this much work (and the current block)
-
 
 def refusal(module: pl.LightningModule, datamodule) -> str | None:
     """Why a teacher cache cannot serve this method on this data (``None``: it can)."""
@@ -107,7 +105,7 @@ class CachePass:
             raise ValueError(f"--teacher-batch {teacher_batch}: expected a multiple of the training batch size {batch}")
         self.settings = [self.enter_epoch(epoch) for epoch in range(self.layout.epochs)]
         self.device = trainer.strategy.root_device
-        self.batch_check = "not needed: the training batch size"
+        self.batch_check: str | None = None  # the first group's comparison with the training batch size
 
     def enter_epoch(self, epoch: int):
         """Start ``epoch`` as a fit does (stage callbacks); return the teacher setting it runs with."""
@@ -153,7 +151,7 @@ class CachePass:
         if len(group) == 1:
             return self.teacher_logits(group[0])
         logits = self.teacher_logits(torch.cat(group))
-        if self.batch_check.startswith("not needed"):
+        if self.batch_check is None:
             single = torch.cat([self.teacher_logits(images) for images in group])
             difference = (logits.float() - single.float()).abs().max().item()
             self.batch_check = (
@@ -163,6 +161,21 @@ class CachePass:
             )
             print(f"teacher batch {self.teacher_batch}: {self.batch_check}", file=sys.stderr)
         return logits
+
+    def write_share(self, writer: TeacherCacheWriter, epoch: int, rank: int, first: int, bar: tqdm) -> None:
+        """Rank ``rank``'s share of ``epoch`` from batch ``first`` on, ``teacher_batch`` rows per teacher call."""
+        self.enter_epoch(epoch)
+        self.module.teacher.eval()
+        per_call, last = self.teacher_batch // self.layout.batch_size, self.layout.batches_per_epoch - 1
+        images, index = [], []
+        for number, (batch_images, batch_index) in enumerate(self.batches(epoch, rank, first), start=first):
+            images.append(batch_images)
+            index.append(batch_index)
+            if len(images) == per_call or number == last:
+                writer.append(self.grouped_logits(images), torch.cat(index))
+                bar.update(sum(len(i) for i in index))
+                images, index = [], []
+        writer.commit()
 
     def run(self, out: Path, dtype: str = "fp32", progress: bool = True) -> Path:
         out = Path(out)
@@ -175,29 +188,13 @@ class CachePass:
         module.configure_model()  # channels-last / compile, as in the fit
         logits_dtype = self.teacher_logits(next(self.batches(0, 0, 0))[0]).dtype  # what the stored rows widen back to
         writer = TeacherCacheWriter(out, {**self.meta(dtype), "logits_dtype": str(logits_dtype).removeprefix("torch.")})
-        layout, per_group = self.layout, self.teacher_batch // self.layout.batch_size
-        first_block, offset = divmod(writer.rows, layout.block_rows)
+        layout = self.layout
+        first_share, offset = divmod(writer.rows, layout.block_rows)
         bar = tqdm(total=layout.rows, initial=writer.rows, unit="img", desc="teacher cache", disable=not progress)
-        committed = time.monotonic()
         try:
-            for block in range(first_block, layout.epochs * layout.world_size):
-                epoch, rank = divmod(block, layout.world_size)
-                self.enter_epoch(epoch)
-                module.teacher.eval()
-                images, index = [], []
-                first = offset // layout.batch_size if block == first_block else 0
-                for number, (batch_images, batch_index) in enumerate(self.batches(epoch, rank, first), start=first):
-                    images.append(batch_images)
-                    index.append(batch_index)
-                    if len(images) == per_group or number == layout.batches_per_epoch - 1:
-                        writer.append(self.grouped_logits(images), torch.cat(index))
-                        bar.update(sum(len(i) for i in index))
-                        images, index = [], []
-                        if time.monotonic() - committed > COMMIT_EVERY_S:
-                            writer.commit()
-                            committed = time.monotonic()
-                writer.commit()
-                committed = time.monotonic()
+            for share in range(first_share, layout.epochs * layout.world_size):
+                first = offset // layout.batch_size if share == first_share else 0
+                self.write_share(writer, *divmod(share, layout.world_size), first, bar)
         except BaseException:
             writer.close()  # what was committed stays for the next pass
             raise
@@ -205,7 +202,7 @@ class CachePass:
             bar.close()
         return writer.finish(
             {
-                "teacher_batch_check": self.batch_check,
+                "teacher_batch_check": self.batch_check or "not needed: the training batch size",
                 "written_with": {
                     "torch": torch.__version__,
                     "device": describe_device(self.device),
