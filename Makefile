@@ -36,6 +36,7 @@ bench: $(STAMP)  ## CPU speed measurements, as ratios against plain PyTorch base
 	$(BIN)/python benchmarks/data.py --device cpu
 	$(BIN)/python benchmarks/imagenet_data.py --device cpu
 	$(BIN)/python benchmarks/pwkd_width.py --device cpu
+	$(BIN)/python benchmarks/teacher_cache.py --device cpu
 
 bench-gpu: $(STAMP)  ## the same on a GPU, plus seconds per CIFAR-100 epoch (fp32 and bf16 + channels_last + compile)
 	$(BIN)/python benchmarks/step_overhead.py --device cuda
@@ -44,6 +45,7 @@ bench-gpu: $(STAMP)  ## the same on a GPU, plus seconds per CIFAR-100 epoch (fp3
 	$(BIN)/python benchmarks/data.py --device cuda
 	$(BIN)/python benchmarks/imagenet_data.py --device cuda --workers 8
 	$(BIN)/python benchmarks/pwkd_width.py --device cuda
+	$(BIN)/python benchmarks/teacher_cache.py --device cuda
 	$(BIN)/python benchmarks/gpu_epoch.py --device cuda
 	$(BIN)/python benchmarks/gpu_epoch.py --device cuda --precision bf16-mixed --channels-last --compile
 

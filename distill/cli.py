@@ -7,6 +7,8 @@
 - Every fit logs its resolved config, teacher identity and student size to every logger and writes
   ``summary.json`` (last/best val top-1, run time) at its end (``--run_summary.*``, always on).
 - ``distill export CKPT ...`` exports a trained network (:mod:`distill.tools.export`).
+- ``distill cache-teacher --config ... --out DIR`` stores a teacher's logits for a sweep
+  (:mod:`distill.tools.cache_teacher`).
 - The two checkpoint callbacks are fixed argument groups (``--checkpoint.*``, ``--last_checkpoint.*``),
   so a ``callbacks`` list given on the command line cannot drop them (DESIGN.md: CLI lists replace
   YAML lists). ``last`` is its own callback because Lightning's ``save_last`` only writes when the
@@ -120,12 +122,17 @@ def build_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
 
 def main(args: list[str] | None = None) -> None:
     """Entry point of the ``distill`` console script; ``main(args=[...])`` from tests. ``distill export``
-    goes to :mod:`distill.tools.export` (LightningCLI's subcommands are fixed)."""
+    goes to :mod:`distill.tools.export`, ``distill cache-teacher`` to :mod:`distill.tools.cache_teacher`
+    (LightningCLI's subcommands are fixed)."""
     argv = sys.argv[1:] if args is None else args
     if argv[:1] == ["export"]:
         from .tools.export import main as export
 
         return export(argv[1:])
+    if argv[:1] == ["cache-teacher"]:
+        from .tools.cache_teacher import main as cache_teacher
+
+        return cache_teacher(argv[1:])
     build_cli(args)
 
 

@@ -22,6 +22,14 @@ ROW_KEYS = {
         "distill_peak_rss_mb",
         "plain_peak_rss_mb",
     },
+    "teacher_cache": {
+        "pair",
+        "live_median_s",
+        "cached_median_s",
+        "speedup",
+        "cache_pass_vs_epoch",
+        "store_bytes_per_epoch",
+    },
 }
 
 

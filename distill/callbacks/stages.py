@@ -112,16 +112,17 @@ class StagePlan(pl.Callback):
             self.plan["epochs"] = epochs
         pl_module.prepare_stages(self.stages, self.bounds)
 
-    def _enter(self, trainer, pl_module) -> None:
+    def enter(self, trainer, pl_module) -> None:
+        """Enter the stage that contains ``trainer.current_epoch`` (also the teacher cache's replay)."""
         if self.stages:
             index = self.stage_of(trainer.current_epoch)
             pl_module.on_stage(index, self.stages[index])
 
     def on_sanity_check_start(self, trainer, pl_module) -> None:
-        self._enter(trainer, pl_module)
+        self.enter(trainer, pl_module)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._enter(trainer, pl_module)
+        self.enter(trainer, pl_module)
         if self.multi_stage:
             pl_module.log("stage", float(self.stage_of(trainer.current_epoch)), on_epoch=True, on_step=False)
 

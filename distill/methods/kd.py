@@ -9,13 +9,15 @@ initialisation phase (AB, FT, FSP) gets a stage of its own before the main train
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..losses.term import DistillTerm
+from ..data.teacher_cache import TeacherCache, describe_run
+from ..losses.term import TEACHER_FIELDS, DistillTerm
 from ..models import create_model
 from ..models.staged import dry_run, require_outputs
 from ..stages import Stage
@@ -41,6 +43,29 @@ def unique_names(terms: list[DistillTerm]) -> list[str]:
     return names
 
 
+def step_reads_teacher(method: type) -> frozenset[str]:
+    """The teacher outputs ``method.main_losses`` (the main training step) reads besides its terms, as
+    declared (``training_reads_teacher``) by the class that defines that ``main_losses``; a class that
+    overrides it without declaring reads every field (the conservative answer, as for terms)."""
+    owner = next(cls for cls in method.__mro__ if "main_losses" in vars(cls))
+    return vars(owner).get("training_reads_teacher", TEACHER_FIELDS)
+
+
+def teacher_cache_refusals(method: type, terms: Iterable[tuple[str, DistillTerm | type]]) -> list[str]:
+    """Why stored teacher logits cannot stand in for the teacher in ``method``'s training steps with
+    these ``(name, term)`` terms (an empty list: they can)."""
+    reasons = []
+    step = step_reads_teacher(method) - {"logits"}
+    if step:
+        reasons.append(f"{method.__name__}'s training step reads the teacher's {', '.join(sorted(step))}")
+    for name, term in terms:
+        extra = term.reads_teacher - {"logits"}
+        if extra:
+            cls = term if isinstance(term, type) else type(term)
+            reasons.append(f"term {name!r} ({cls.__name__}) reads the teacher's {', '.join(sorted(extra))}")
+    return reasons
+
+
 class OfflineKD(TeacherMixin, DistillModule):
     """Student + frozen teacher + weighted base losses.
 
@@ -53,9 +78,14 @@ class OfflineKD(TeacherMixin, DistillModule):
         ce_weight: weight of the student's cross-entropy on labels.
         student_kwargs: extra constructor arguments of the student.
         teacher_kwargs: extra constructor arguments of the teacher.
+        teacher_cache: a store of ``distill cache-teacher`` written for this run's batches: the training
+            steps read the teacher's logits from it instead of running the teacher (validation still
+            runs it). Only for terms and methods that read nothing but the teacher's logits; the store's
+            fingerprint must match the run's (:mod:`distill.data.teacher_cache`).
     """
 
     eval_names = (MAIN, "teacher")  # the teacher's val top-1 is measured in the first validation
+    training_reads_teacher = frozenset()  # beside its terms, main_losses reads no teacher output
 
     @classmethod
     def card(cls, args) -> RunCard:
@@ -72,6 +102,7 @@ class OfflineKD(TeacherMixin, DistillModule):
         ce_weight: float = 1.0,
         student_kwargs: dict | None = None,
         teacher_kwargs: dict | None = None,
+        teacher_cache: str | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -84,6 +115,13 @@ class OfflineKD(TeacherMixin, DistillModule):
         self.terms = nn.ModuleList(terms or [])
         self.term_names = unique_names(list(self.terms))
         self.build_terms()
+        self.teacher_cache_path, self.teacher_cache = teacher_cache, None  # the store is opened at fit setup
+        refusals = teacher_cache_refusals(type(self), zip(self.term_names, self.terms)) if teacher_cache else []
+        if refusals:
+            raise ValueError(
+                f"teacher_cache={teacher_cache!r} holds teacher logits only, but {'; '.join(refusals)}: "
+                "run without model.init_args.teacher_cache"
+            )
 
     def load_teacher(self, name: str, weights: str | None, model_kwargs: dict | None):
         """The frozen teacher and the record of where it came from (PWKD loads a slimmable one)."""
@@ -111,6 +149,14 @@ class OfflineKD(TeacherMixin, DistillModule):
         if stage == "fit" and datamodule is not None and hasattr(datamodule, "train_targets"):
             for term in self.terms:
                 term.setup_data(datamodule.train_targets)
+        if stage == "fit" and self.teacher_cache_path:
+            self.teacher_cache = TeacherCache(self.teacher_cache_path)
+            self.teacher_cache.check(describe_run(self.trainer, datamodule, self)[0])
+
+    def teacher_setting(self):
+        """Which teacher network the training steps run, when that changes during a fit (``None``: it
+        does not); a teacher cache records it per epoch and checks it at every step."""
+        return None
 
     def forward(self, images):
         return self.student(images)
@@ -201,7 +247,10 @@ class OfflineKD(TeacherMixin, DistillModule):
     def main_losses(self, images, targets, index):
         """CE plus every term used in the main training, each at its weight for this epoch."""
         s = self.student(images, features=True)
-        t = self.teacher_forward(images)
+        if self.teacher_cache is None:
+            t = self.teacher_forward(images)
+        else:
+            t = self.teacher_cache.outputs(self.trainer, index, self.teacher_setting())
         losses = {"ce": self.ce_weight * F.cross_entropy(s.logits.float(), targets)}
         epoch = self.main_epoch
         for name, term in zip(self.term_names, self.terms):

@@ -243,6 +243,12 @@ class PWKD(OfflineKD):
             self.stage = stage
             self.teacher_measured = False  # measure the teacher at this stage's width
 
+    def teacher_setting(self) -> dict:
+        """The stage entered last and its teacher width: a teacher cache records them per epoch."""
+        if self.stage < 0:
+            raise RuntimeError("PWKD has entered no stage yet (its stages are entered at every epoch start)")
+        return {"stage": self.stage, "width": self.stage_widths[self.stage]}
+
     # ---- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.stage_bounds is None:
