@@ -10,6 +10,8 @@ from typing import Literal
 
 import pytorch_lightning as pl
 
+from .. import checks
+from ..errors import ConfigError
 from ..methods.pwkd import PWKD
 from ..schedules import CyclicCosine
 
@@ -49,24 +51,16 @@ class PWKDStages(pl.Callback):
         reverse_order: bool = False,
     ):
         self.widths = [float(w) for w in widths]
-        order = self.widths[::-1] if reverse_order else self.widths
-        if not self.widths or not all(0 < w <= 1 for w in self.widths):
-            raise ValueError(f"PWKDStages widths must be teacher widths in (0, 1], got {self.widths}")
-        if order != sorted(order) or order[-1] != 1.0:
-            expected = (
-                "not increase and start at 1.0 (reverse_order)" if reverse_order else "not decrease and end at 1.0"
-            )
-            raise ValueError(f"PWKDStages widths must {expected}, got {self.widths}")
-        if epochs is not None and (len(epochs) != len(self.widths) or any(int(e) != e or e <= 0 for e in epochs)):
-            raise ValueError(
-                f"PWKDStages epochs must be one positive integer per width {self.widths}, got {list(epochs)}"
-            )
-        if schedule not in ("cyclic", "monotone", "base"):
-            raise ValueError(f"PWKDStages schedule must be 'cyclic', 'monotone' or 'base', got {schedule!r}")
-        if not 0 <= min_factor <= 1 or warmup_epochs < 0:
-            raise ValueError(
-                f"PWKDStages needs 0 <= min_factor <= 1 and warmup_epochs >= 0, got {min_factor}, {warmup_epochs}"
-            )
+        for width in self.widths:
+            checks.fraction("PWKDStages", "widths", width)
+        checks.ordered("PWKDStages", "widths", self.widths, descending=reverse_order)
+        if self.widths[0 if reverse_order else -1] != 1.0:
+            checks.fail("PWKDStages", "widths", self.widths, "the whole width 1.0 last (first with reverse_order)")
+        if epochs is not None:
+            checks.positive_ints("PWKDStages", "epochs", epochs, len(self.widths))
+        checks.choice("PWKDStages", "schedule", schedule, ("cyclic", "monotone", "base"))
+        checks.fraction("PWKDStages", "min_factor", min_factor, zero=True)
+        checks.non_negative("PWKDStages", "warmup_epochs", warmup_epochs)
         self.epochs = None if epochs is None else [int(e) for e in epochs]
         self.schedule, self.min_factor, self.warmup_epochs = schedule, min_factor, warmup_epochs
         self.starts: list[int] = []
@@ -77,14 +71,11 @@ class PWKDStages(pl.Callback):
         n = len(self.widths)
         if self.epochs is None:
             if not max_epochs or max_epochs < n:
-                raise ValueError(
+                raise ConfigError(
                     f"trainer.max_epochs={max_epochs} is fewer epochs than the {n} PWKD stages {self.widths}"
                 )
             return [max_epochs // n + (k < max_epochs % n) for k in range(n)]
-        if sum(self.epochs) != max_epochs:
-            raise ValueError(
-                f"PWKDStages epochs {self.epochs} sum to {sum(self.epochs)}, not trainer.max_epochs={max_epochs}"
-            )
+        checks.sums_to("PWKDStages", "epochs", self.epochs, max_epochs, "trainer.max_epochs")
         return list(self.epochs)
 
     def stage_of(self, epoch: int) -> int:
@@ -112,7 +103,7 @@ class PWKDStages(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         """A run resumes only under the stages it was trained with."""
         if state_dict != self.plan:
-            raise ValueError(
+            raise ConfigError(
                 f"the PWKD stages {self.plan} differ from the checkpoint's {state_dict}; "
                 "resume with the same widths and epochs"
             )

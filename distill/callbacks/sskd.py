@@ -18,6 +18,8 @@ from typing import Literal
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
+from .. import checks
+from ..errors import ConfigError
 from ..methods.sskd import SSKD
 from ..schedules import CyclicCosine, Schedule
 
@@ -63,18 +65,15 @@ class SSKDPhases(pl.Callback):
         step_milestones: Sequence[float] = (0.625, 0.75, 0.875),
         step_gamma: float = 0.1,
     ):
-        if epochs is not None and (not epochs or any(not isinstance(e, int) or e <= 0 for e in epochs)):
-            raise ValueError(f"SSKDPhases epochs={epochs}: expected a list of positive epoch counts, one per phase")
-        if lr_schedule not in ("cosine", "step"):
-            raise ValueError(f"SSKDPhases lr_schedule={lr_schedule!r}: expected 'cosine' or 'step'")
-        if not 0.0 <= min_lr_factor <= 1.0:
-            raise ValueError(f"SSKDPhases min_lr_factor={min_lr_factor}: expected a fraction of the base LR in [0, 1]")
-        if warmup_epochs < 0:
-            raise ValueError(f"SSKDPhases warmup_epochs={warmup_epochs}: expected a non-negative number of epochs")
-        if list(step_milestones) != sorted(step_milestones) or any(not 0 < f < 1 for f in step_milestones):
-            raise ValueError(
-                f"SSKDPhases step_milestones={list(step_milestones)}: expected increasing fractions in (0, 1)"
-            )
+        if epochs is not None:
+            checks.positive_ints("SSKDPhases", "epochs", epochs)
+        checks.choice("SSKDPhases", "lr_schedule", lr_schedule, ("cosine", "step"))
+        checks.fraction("SSKDPhases", "min_lr_factor", min_lr_factor, zero=True)
+        checks.non_negative("SSKDPhases", "warmup_epochs", warmup_epochs)
+        checks.ordered("SSKDPhases", "step_milestones", step_milestones, strict=True)
+        for milestone in step_milestones:
+            checks.fraction("SSKDPhases", "step_milestones", milestone, one=False)
+        checks.positive("SSKDPhases", "step_gamma", step_gamma)
         self.epochs = list(epochs) if epochs is not None else None
         self.lr_schedule, self.min_lr_factor, self.warmup_epochs = lr_schedule, min_lr_factor, warmup_epochs
         self.step_milestones, self.step_gamma = list(step_milestones), step_gamma
@@ -86,25 +85,21 @@ class SSKDPhases(pl.Callback):
         n = len(module.phases)
         phases = f"{n} phases ({module.phase_names()})"
         if max_epochs is None or max_epochs < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"SSKDPhases needs a finite trainer.max_epochs to split among the {phases}, got {max_epochs}"
             )
         if self.epochs is None:
             if max_epochs < n:
-                raise ValueError(
+                raise ConfigError(
                     f"trainer.max_epochs={max_epochs} cannot be split among the {phases}: expected at least {n}"
                 )
             base, extra = divmod(max_epochs, n)
             return [base + (i < extra) for i in range(n)]
         if len(self.epochs) != n:
-            raise ValueError(
+            raise ConfigError(
                 f"SSKDPhases epochs={self.epochs} has {len(self.epochs)} entries, but the model has {phases}"
             )
-        if sum(self.epochs) != max_epochs:
-            raise ValueError(
-                f"SSKDPhases epochs={self.epochs} sum to {sum(self.epochs)}, but trainer.max_epochs={max_epochs}: "
-                "expected them to be equal"
-            )
+        checks.sums_to("SSKDPhases", "epochs", self.epochs, max_epochs, "trainer.max_epochs")
         return list(self.epochs)
 
     def make_schedule(self, phase_epochs: list[int]) -> Schedule:
@@ -141,7 +136,7 @@ class SSKDPhases(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("phase_epochs")
         if saved != self.phase_epochs:
-            raise ValueError(
+            raise ConfigError(
                 f"the checkpoint was trained with SSKD phase epochs {saved}, this run has {self.phase_epochs}: "
                 "resume with the same epochs (and trainer.max_epochs)"
             )

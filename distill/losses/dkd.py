@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..models.staged import StagedOutput
 from .term import DistillTerm
 
@@ -66,6 +67,10 @@ class DKDTerm(DistillTerm):
         self, weight: float = 1.0, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: int = 20
     ):
         super().__init__(weight)
+        checks.non_negative("DKDTerm", "alpha", alpha)
+        checks.non_negative("DKDTerm", "beta", beta)
+        checks.positive("DKDTerm", "temperature", temperature)
+        checks.non_negative_int("DKDTerm", "warmup", warmup)
         self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup
 
     def weight_at(self, epoch: int) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..models.staged import StagedOutput
 from .term import DistillTerm
 
@@ -28,6 +29,7 @@ class KDTerm(DistillTerm):
 
     def __init__(self, weight: float = 0.9, temperature: float = 4.0):
         super().__init__(weight)
+        checks.positive("KDTerm", "temperature", temperature)
         self.temperature = temperature
 
     def forward(

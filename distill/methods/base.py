@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .. import checks
 from ..models import StagedNet
 from ..schedules import MultiStep, Schedule
 
@@ -72,6 +73,13 @@ class DistillModule(pl.LightningModule):
         compile: bool = False,
     ):
         super().__init__()
+        owner = type(self).__name__
+        checks.choice(owner, "optimizer", optimizer, ("sgd", "adamw"))
+        checks.positive(owner, "lr", lr)
+        checks.fraction(owner, "momentum", momentum, zero=True, one=False)
+        checks.non_negative(owner, "weight_decay", weight_decay)
+        if lr_reference_batch is not None:
+            checks.positive_int(owner, "lr_reference_batch", lr_reference_batch)
         self.num_classes, self.in_chans, self.image_size = num_classes, in_chans, image_size
         self.optimizer_name, self.lr, self.momentum = optimizer, lr, momentum
         self.weight_decay, self.nesterov = weight_decay, nesterov

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from ..losses.term import DistillTerm
 from ..models import create_model
 from .base import MAIN, DistillModule
@@ -57,6 +58,7 @@ class OfflineKD(TeacherMixin, DistillModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        checks.non_negative(type(self).__name__, "ce_weight", ce_weight)
         self.save_hyperparameters(ignore=["terms"])
         self.ce_weight = ce_weight
         self.student = create_model(

@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from ..losses.crd import ContrastMemory
 from ..models import create_model
 from ..models.slimmable import DEFAULT_WIDTHS, check_widths, load_slimmable, make_slimmable, set_width, width_name
+from ..models.weights import load_checkpoint
 from .base import MAIN, DistillModule
 from .kd import OfflineKD
 from .teacher import build_teacher
@@ -34,7 +37,7 @@ def soft_cross_entropy(logits: torch.Tensor, target_logits: torch.Tensor, temper
 def reject_sync_batchnorm(model: nn.Module) -> None:
     """Per-width BatchNorms do not survive ``sync_batchnorm=True`` (it replaces them with one SyncBatchNorm)."""
     if any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
-        raise ValueError(
+        raise ConfigError(
             "trainer.sync_batchnorm=True is not supported with slimmable networks "
             "(it merges their per-width BatchNorms)"
         )
@@ -73,12 +76,13 @@ class SlimmableSupervised(DistillModule):
         model_kwargs: dict | None = None,
         **kwargs,
     ):
+        checks.positive("SlimmableSupervised", "inplace_temperature", inplace_temperature)
         self.widths = check_widths(widths)
         self.train_widths = self.widths if train_widths is None else tuple(sorted({float(w) for w in train_widths}))
         if not self.train_widths or not set(self.train_widths) <= set(self.widths):
-            raise ValueError(f"train_widths {list(self.train_widths)} must be some of the widths {list(self.widths)}")
+            raise ConfigError(f"train_widths {list(self.train_widths)} must be some of the widths {list(self.widths)}")
         if sandwich and self.train_widths[-1] != 1.0:
-            raise ValueError("sandwich needs the whole width among train_widths (it teaches the narrower ones)")
+            raise ConfigError("sandwich needs the whole width among train_widths (it teaches the narrower ones)")
         self.eval_names = (MAIN,) + tuple(width_name(w) for w in self.train_widths[:-1])  # read by the base's metrics
         super().__init__(**kwargs)
         self.save_hyperparameters()
@@ -166,7 +170,7 @@ def trained_widths(path: str, held: Sequence[float]) -> list[float]:
     """The widths the checkpoint at ``path`` was trained at: the ``train_widths`` its ``SlimmableSupervised``
     run recorded among its hyper-parameters, else every width it holds (``held``). Memory-mapped: the
     tensors, already read by the loader, are not read again."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_checkpoint(path, mmap=True)
     recorded = (checkpoint.get("hyper_parameters") or {}).get("train_widths") if isinstance(checkpoint, dict) else None
     return sorted(float(w) for w in recorded) if recorded else [float(w) for w in held]
 
@@ -209,8 +213,7 @@ class PWKD(OfflineKD):
         stage_teacher_weights: Sequence[str] | None = None,
         **kwargs,
     ):
-        if connectors not in ("sliced", "fresh"):
-            raise ValueError(f"PWKD connectors must be 'sliced' or 'fresh', got {connectors!r}")
+        checks.choice("PWKD", "connectors", connectors, ("sliced", "fresh"))
         self.connectors = connectors
         self.stage_teacher_weights = list(stage_teacher_weights or [])
         self.stage_teachers: list[nn.Module] = []  # unregistered, like the teacher; one per stage in the ablation
@@ -226,7 +229,7 @@ class PWKD(OfflineKD):
         if not self.stage_teacher_weights:
             return self._load_slimmable(name, weights.format(teacher=name) if weights else None, model_kwargs)
         if weights:
-            raise ValueError(
+            raise ConfigError(
                 "PWKD takes teacher_weights or stage_teacher_weights, not both (set teacher_weights: null)"
             )
         loaded = [
@@ -248,7 +251,8 @@ class PWKD(OfflineKD):
         teacher, info = build_teacher(
             name, path, self.num_classes, self.in_chans, model_kwargs, load=load, weights_key=key
         )
-        info["widths"] = trained_widths(path, teacher.slimmable_widths) if path else list(teacher.slimmable_widths)
+        held = teacher.slimmable_widths
+        info["widths"] = trained_widths(info["weights"], held) if info["weights"] else list(held)
         return teacher, info
 
     def _apply(self, fn, *args, **kwargs):
@@ -272,25 +276,25 @@ class PWKD(OfflineKD):
         record = self.teacher_info
         if self.stage_teachers:
             if len(self.stage_teachers) != len(widths):
-                raise ValueError(
+                raise ConfigError(
                     f"PWKD has {len(self.stage_teachers)} stage_teacher_weights for {len(widths)} stages {list(widths)}"
                 )
             for k, (width, trained) in enumerate(zip(widths, record["widths"])):
                 if width not in trained:
-                    raise ValueError(
+                    raise ConfigError(
                         f"PWKD stage {k} runs its teacher at width {width}, but {record['weights'][k]} was trained at "
                         f"widths {trained}; train it with train_widths: [{width}]"
                     )
         else:
             missing = sorted(set(widths) - set(record["widths"]))
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"PWKD stage widths {missing} are not widths the teacher was trained at ({record['widths']}, "
                     f"from {record['weights']}); train a slimmable teacher at them (lightning_configs/pwkd/*/teachers/)"
                 )
         if self.stage_widths is not None:
             if tuple(widths) != self.stage_widths:
-                raise ValueError(
+                raise ConfigError(
                     f"PWKD stages changed from {list(self.stage_widths)} to {list(widths)} on the same module"
                 )
             return
@@ -312,7 +316,7 @@ class PWKD(OfflineKD):
                 narrow = {w: getattr(templates[w], name) for w in changed}
                 for w, module in narrow.items():
                     if not _fits_inside(_shapes(module), shape):
-                        raise ValueError(
+                        raise ConfigError(
                             f"the {term.name} connector {name!r} changes structure at teacher width {w}; "
                             "it cannot be sliced (set connectors: fresh)"
                         )
@@ -359,7 +363,7 @@ class PWKD(OfflineKD):
     # ---- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.stage_widths is None:
-            raise ValueError(
+            raise ConfigError(
                 "PWKD needs the distill.callbacks.pwkd.PWKDStages callback in trainer.callbacks "
                 "(the lightning_configs/pwkd files add it)"
             )
@@ -370,7 +374,7 @@ class PWKD(OfflineKD):
         strategy = self.trainer.strategy
         finds_unused = isinstance(strategy, DDPStrategy) and strategy._ddp_kwargs.get("find_unused_parameters")
         if self.connectors == "fresh" and isinstance(strategy, DDPStrategy) and not finds_unused:
-            raise ValueError(
+            raise ConfigError(
                 "PWKD connectors: fresh leaves the other stages' connectors unused; under DDP set "
                 "trainer.strategy: ddp_find_unused_parameters_true"
             )

@@ -40,6 +40,8 @@ import torch.nn.functional as F
 from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from ..models import StagedNet, create_model, stage_channels
 from ..models.staged import Chain
 from .base import MAIN, DistillModule
@@ -114,7 +116,7 @@ def mimic_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> 
 def require_unused_parameter_search(strategy) -> None:
     """Refuse DDP without ``find_unused_parameters``: every SSKD phase leaves parameters unused."""
     if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise ValueError(
+        raise ConfigError(
             "SSKD leaves parameters unused in every phase, so DDP must look for them: set "
             "trainer.strategy to ddp_find_unused_parameters_true (got DDP with find_unused_parameters=False)"
         )
@@ -156,9 +158,9 @@ class SSKD(TeacherMixin, DistillModule):
     ):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        for key, value, allowed in (("plan", plan, PLANS), ("head_trains", head_trains, HEAD_TRAINS)):
-            if value not in allowed:
-                raise ValueError(f"SSKD {key}={value!r}: expected one of {', '.join(allowed)}")
+        checks.choice("SSKD", "plan", plan, PLANS)
+        checks.choice("SSKD", "head_trains", head_trains, HEAD_TRAINS)
+        checks.non_negative("SSKD", "mimic_weight", mimic_weight)
         self.mimic_weight = mimic_weight
         self.student = create_model(
             student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {})
@@ -167,7 +169,7 @@ class SSKD(TeacherMixin, DistillModule):
         s_channels = stage_channels(self.student, self.in_chans, self.image_size)
         t_channels = stage_channels(self.teacher, self.in_chans, self.image_size)
         if len(s_channels) != len(t_channels):
-            raise ValueError(
+            raise ConfigError(
                 f"SSKD matches student stage k with teacher stage k, but student {student} has "
                 f"{len(s_channels)} stages and teacher {teacher} has {len(t_channels)}"
             )
@@ -179,7 +181,9 @@ class SSKD(TeacherMixin, DistillModule):
     def set_phase_epochs(self, epochs: Sequence[int]) -> None:
         """Called by :class:`SSKDPhases` at fit setup with the epochs of every phase."""
         if len(epochs) != len(self.phases):
-            raise ValueError(f"SSKD has {len(self.phases)} phases ({self.phase_names()}), got epochs for {len(epochs)}")
+            raise ConfigError(
+                f"SSKD has {len(self.phases)} phases ({self.phase_names()}), got epochs for {len(epochs)}"
+            )
         self.phase_bounds = [sum(epochs[:i]) for i in range(len(epochs) + 1)]
 
     def phase_names(self) -> str:
@@ -243,7 +247,7 @@ class SSKD(TeacherMixin, DistillModule):
         if stage != "fit":
             return
         if self.phase_bounds is None:
-            raise ValueError(
+            raise ConfigError(
                 "SSKD needs the SSKDPhases callback in trainer.callbacks (a --trainer.callbacks=[...] on the "
                 "command line replaces the YAML list; append with --trainer.callbacks+=...)"
             )

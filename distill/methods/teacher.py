@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, MissingFileError
 from ..models import StagedNet, create_model, load_weights
 from ..models.weights import file_sha256
+from ..run_dirs import run_checkpoint
 
 
 def load_plain(teacher: nn.Module, weights: str | None) -> None:
@@ -33,9 +35,12 @@ def build_teacher(
     weights_key: str = "teacher_weights",
 ) -> tuple[StagedNet, dict]:
     """Create the teacher, ``load`` its weights (PWKD passes a slimmable loader), freeze it; return
-    it with a record of where it came from. ``weights_key`` is the argument a missing file is named by."""
+    it with a record of where it came from. ``weights_key`` is the argument a missing file is named by.
+    ``weights`` may name a run directory instead of a file (:func:`distill.run_dirs.run_checkpoint`:
+    ``runs/<name>`` is the newest finished run of that name); the record holds the file used."""
+    weights = run_checkpoint(weights, weights_key) if weights else weights
     if weights and not Path(weights).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"teacher checkpoint {weights!r} ({name}) does not exist: train the teacher first "
             "(the config that sets this path "
             f"names, in its comments, the run that writes it) or set model.init_args.{weights_key}"
@@ -85,7 +90,7 @@ class TeacherMixin:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("distill_teacher")
         if saved and saved.get("sha256") != self.teacher_info.get("sha256"):
-            raise RuntimeError(
+            raise ConfigError(
                 f"the teacher weights differ from those the checkpoint was trained with: checkpoint has "
                 f"{saved.get('weights')} (sha256 {saved.get('sha256')}), this run loads "
                 f"{self.teacher_info.get('weights')} (sha256 {self.teacher_info.get('sha256')})"

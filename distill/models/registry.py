@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import UnknownNameError
 from .staged import StagedNet
 
 _REGISTRY: dict[str, Callable[..., StagedNet]] = {}
@@ -28,5 +29,5 @@ def list_models() -> list[str]:
 
 def create_model(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs) -> StagedNet:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise UnknownNameError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)

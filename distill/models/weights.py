@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from ..errors import BadFileError, MissingFileError
 
 # The trained network inside a method's checkpoint: ``student.`` (distillation methods) or ``model.``
 # (supervised); wrapper prefixes added by DDP (``module.``) and torch.compile (``_orig_mod.``).
@@ -14,8 +17,9 @@ _NETWORK_PREFIXES = ("student.", "model.")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class WeightLoadError(RuntimeError):
-    """Raised when a checkpoint does not fit a model; the message names every offending key."""
+class WeightLoadError(BadFileError, RuntimeError):
+    """Raised when a checkpoint cannot be read or does not fit a model; the message names the file and
+    every offending key."""
 
 
 def file_sha256(path: str | Path) -> str:
@@ -26,6 +30,31 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _first_sentence(error: BaseException) -> str:
+    text = str(error).strip().split("\n")[0]
+    return text.split(". ")[0].rstrip(".") or type(error).__name__
+
+
+def load_checkpoint(path: str | Path, mmap: bool = False):
+    """``torch.load(path, weights_only=True)`` onto the CPU, with errors that name the file and say what
+    to do. A file holding Python objects other than tensors and plain containers is refused, never
+    loaded some other way."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError:
+        reason = "it holds Python objects other than tensors and plain containers, or is not a torch file"
+        error = None
+    except Exception as err:  # truncated or damaged archives, empty files
+        reason, error = f"truncated or damaged: {_first_sentence(err)}", err
+    raise WeightLoadError(
+        f"{path}: refused to load ({reason}); expected a checkpoint written by distill or a state_dict saved "
+        "with torch.save: copy the file again, or use an earlier checkpoint"
+    ) from error
+
+
 def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, torch.Tensor]:
     """Read a state_dict from ``path``: a plain one, ``{"state_dict": ...}`` or ``{"model": ...}``.
 
@@ -33,15 +62,7 @@ def read_state_dict(path: str | Path, prefix: str | None = None) -> dict[str, to
     network (``student.`` or else ``model.``) is selected, and wrapper prefixes are stripped where
     *every* key carries them.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle payloads and corrupt files both end here
-        raise WeightLoadError(
-            f"{path}: refused to load (only tensors and plain containers are accepted, weights_only=True): {err}"
-        ) from err
+    obj = load_checkpoint(path)
     for key in ("state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..models import create_model, read_state_dict
 from ..models.slimmable import checkpoint_widths, make_slimmable, set_width
-from ..models.weights import WeightLoadError, file_sha256
+from ..models.weights import WeightLoadError, file_sha256, load_checkpoint
 
 FORMATS = ("pt", "safetensors", "torchscript", "onnx")
 SUFFIXES = {"pt": ".pt", "safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -99,7 +99,7 @@ def load_network(
         state = improved_teacher_state_dict(path)
     else:
         state = read_state_dict(path, prefix="peer." if network == "peer" else None)  # readable, so safe
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     hparams = ckpt.get("hyper_parameters") or {}
     kwargs = hparams.get("model_kwargs") or hparams.get("student_kwargs") or {}
     if network == "teacher-improved":
@@ -147,14 +147,12 @@ def export(
     if "pt" in paths:
         torch.save(net.state_dict(), paths["pt"])
     if "safetensors" in paths:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-        save_file(
-            tensors,
-            paths["safetensors"],
-            {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()},
-        )
+        header = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()}
+        # written by Python, not by safetensors' save_file (mode 0600): the umask applies as to the other files
+        paths["safetensors"].write_bytes(save(tensors, metadata=header))
     example = net.example()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript and the TorchScript-based ONNX exporter

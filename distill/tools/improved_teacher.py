@@ -18,14 +18,14 @@ import torch
 
 from ..methods.sokd import KBM_STATE_PREFIX
 from ..models import create_model, read_state_dict
-from ..models.weights import WeightLoadError, file_sha256
+from ..models.weights import WeightLoadError, file_sha256, load_checkpoint
 
 
 def improved_teacher_state_dict(
     checkpoint: str | Path, teacher_weights: str | Path | None = None
 ) -> dict[str, torch.Tensor]:
     """The improved teacher of a SOKD checkpoint; ``teacher_weights`` overrides the recorded path."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     record, teacher = ckpt.get("distill_sokd"), ckpt.get("distill_teacher")
     if record is None or teacher is None:
         raise WeightLoadError(f"{checkpoint}: not a SOKD checkpoint (no 'distill_sokd' record)")
