@@ -40,6 +40,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import yaml
 from jsonargparse import ArgumentError
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -127,6 +128,14 @@ class _AppendingWriter(ExperimentWriter):
             with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
                 self.metrics_keys = next(csv.reader(handle), [])
 
+    def save(self) -> None:
+        """As Lightning's, except that ``hparams.yaml`` is written only once hyper-parameters were logged: a
+        resume refused while the checkpoint is restored leaves the run's file as it was."""
+        if self.hparams:
+            super().save()
+        else:
+            super(ExperimentWriter, self).save()  # the metrics only
+
 
 class ResumableCSVLogger(CSVLogger):
     """Lightning's CSVLogger, except that a fit resumed in its run directory appends to ``metrics.csv``
@@ -182,6 +191,20 @@ def check_writable(directory: str | Path, key: str) -> None:
             f"{key}={str(directory)!r}: cannot write there ({error.strerror or error}); choose a writable "
             f"directory, e.g. --{key}=$HOME/runs"
         ) from error
+
+
+def release_process_group() -> None:
+    """Destroy the default process group a DDP run initialised, on this rank, once the run is over.
+
+    Lightning destroys it at exit for NCCL only. A gloo group left alive is torn down during the
+    interpreter's finalisation, where its worker threads may still hold tensors: now and then the
+    process then aborts with ``terminate called without an active exception`` after the run finished
+    (a flaky two-process test, or a SLURM job marked failed). Destroying it here joins its threads
+    while Python is fully alive. It is a local operation, not a collective: ranks need not wait for
+    each other.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 class DistillCLI(LightningCLI):
@@ -263,6 +286,17 @@ class DistillCLI(LightningCLI):
         self.checkpoint_path = path
         return checkpoint
 
+    def instantiate_classes(self) -> None:
+        """As Lightning's, except that an error a constructor raised for a bad argument (:mod:`distill.errors`)
+        comes out as itself, not inside jsonargparse's error about every type it tried."""
+        try:
+            super().instantiate_classes()
+        except Exception as error:
+            user_error = find_user_error(error)
+            if user_error is None or user_error is error:
+                raise
+            raise user_error from None
+
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
         if getattr(self, "checkpoint", None) is not None:
@@ -284,6 +318,8 @@ class DistillCLI(LightningCLI):
                 for dirs in created:
                     remove_failed_start(dirs)
             raise
+        finally:
+            release_process_group()
 
 
 def build_cli(args: list[str] | None = None, run: bool = True) -> DistillCLI:
@@ -345,12 +381,12 @@ def main(args: list[str] | None = None) -> None:
         if not argv:
             raise SystemExit(2)
         return None
-    if argv[0] == "export":
-        from .tools.export import main as export
-
-        return export(argv[1:])
-    command = argv[0] if argv[0] in SUBCOMMANDS else "<command>"
+    command = argv[0] if argv[0] in (*SUBCOMMANDS, "export") else "<command>"
     try:
+        if command == "export":
+            from .tools.export import main as export
+
+            return export(argv[1:])
         check_config_files(argv)
         build_cli(None if args is None and argv == sys.argv[1:] else argv)
     except ArgumentError as error:

@@ -410,8 +410,8 @@ def test_resume_in_stage_two_equals_uninterrupted(in_tmp, slim_digits_teacher):
         main([*args, f"--ckpt_path={first}"])
         assert_same_training_state(straight, torch.load(first, weights_only=True))
     other = stages_config(in_tmp, [0.25, 1.0], [2, 2])
-    with pytest.raises(ValueError, match="differ from the checkpoint"):
-        main([*pwkd_digits_args(slim_digits_teacher, terms, other, epochs=4), f"--ckpt_path={first}"])
+    with pytest.raises(ValueError, match=r"PWKDStages\].init_args.widths\[0\]=0.25 \(the checkpoint has 0.5\)"):
+        build_cli([*pwkd_digits_args(slim_digits_teacher, terms, other, epochs=4), f"--ckpt_path={first}"])
 
 
 def test_fresh_connectors_one_per_stage(slim_digits_teacher):
@@ -524,11 +524,11 @@ def test_pwkd_over_a_base_method_runs_through_cli_on_fake_cifar(
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"widths": [0.5, 0.25, 1.0]}, "not decrease"),
-        ({"widths": [0.25, 0.5]}, "end at 1.0"),
-        ({"widths": [0.25, 1.0], "reverse_order": True}, "start at 1.0"),
-        ({"widths": [0.5, 1.0], "epochs": [3]}, "one positive integer per width"),
-        ({"schedule": "step"}, "'cyclic', 'monotone' or 'base'"),
+        ({"widths": [0.5, 0.25, 1.0]}, "non-decreasing"),
+        ({"widths": [0.25, 0.5]}, "the whole width 1.0 last"),
+        ({"widths": [0.25, 1.0], "reverse_order": True}, "first with reverse_order"),
+        ({"widths": [0.5, 1.0], "epochs": [3]}, "expected 2 integers > 0"),
+        ({"schedule": "step"}, "one of 'cyclic', 'monotone', 'base'"),
     ],
 )
 def test_bad_stage_lists_fail_when_built(kwargs, message):
@@ -559,7 +559,7 @@ def test_bad_configs_fail_at_setup(tmp_path, slim_digits_teacher):
         PWKDStages(widths=[0.5, 1.0]).setup(trainer, pwkd(tmp_path / "plain.pt"), "fit")
     PWKDStages(widths=[1.0, 1.0]).setup(trainer, pwkd(tmp_path / "plain.pt"), "fit")  # whole-only works with it
     module = pwkd(slim_digits_teacher)
-    with pytest.raises(ValueError, match=r"sum to 3, not trainer.max_epochs=4"):
+    with pytest.raises(ValueError, match=r"summing to trainer.max_epochs=4 \(they sum to 3\)"):
         PWKDStages(widths=[0.5, 1.0], epochs=[1, 2]).setup(trainer, module, "fit")
     with pytest.raises(ValueError, match=r"max_epochs=2 is fewer epochs than the 3 PWKD stages"):
         PWKDStages(widths=[0.25, 0.5, 1.0]).setup(SimpleNamespace(max_epochs=2), module, "fit")
@@ -569,14 +569,14 @@ def test_bad_configs_fail_at_setup(tmp_path, slim_digits_teacher):
     kd = OfflineKD(student="resnet8", teacher="resnet20", terms=[KDTerm()], num_classes=10, in_chans=1, image_size=16)
     with pytest.raises(TypeError, match="drives a distill.methods.pwkd.PWKD model"):
         PWKDStages().setup(trainer, kd, "fit")
-    with pytest.raises(ValueError, match="connectors must be"):
+    with pytest.raises(ValueError, match="PWKD connectors='shared': expected one of"):
         PWKD(connectors="shared", num_classes=10, in_chans=1, image_size=16)
 
 
 def test_bad_stage_epochs_stop_the_cli_before_training(in_tmp, slim_digits_teacher):
     cfg = stages_config(in_tmp, [0.5, 1.0], [1, 1])
-    with pytest.raises(ValueError, match="sum to 2, not trainer.max_epochs=4"):
-        main(pwkd_digits_args(slim_digits_teacher, cfg, epochs=4))
+    with pytest.raises(ValueError, match=r"summing to trainer.max_epochs=4 \(they sum to 2\)"):
+        build_cli(pwkd_digits_args(slim_digits_teacher, cfg, epochs=4))
     assert not list(in_tmp.glob("runs/**/*.ckpt"))
 
 

@@ -4,6 +4,7 @@ records, one-line errors, file modes of exports."""
 import gzip
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -15,6 +16,7 @@ import torch
 import yaml
 from fakedata import write_fake_fashion_mnist
 from helpers import CONFIGS, FAST
+from rank_dump import run_two_ranks
 
 from distill import checks
 from distill.callbacks.partial_epoch import RESUMED_AT
@@ -141,6 +143,19 @@ def test_resume_refuses_other_teacher_weights_but_not_a_moved_copy(in_tmp, capsy
     assert torch.load(last, weights_only=True)["epoch"] == 1
 
 
+def test_a_resume_refused_while_restoring_leaves_the_run_as_it_was(in_tmp, capsys):
+    torch.manual_seed(0)
+    torch.save(create_model("resnet20", num_classes=10, in_chans=1).state_dict(), in_tmp / "teacher.pt")
+    sskd = ["fit", "--config", str(CONFIGS / "digits/pair.yaml"), "--config", str(CONFIGS / "digits/sskd.yaml"), *FAST]
+    sskd.append(f"--model.init_args.teacher_weights={in_tmp / 'teacher.pt'}")
+    main([*sskd, "--trainer.max_epochs=4"])  # four phases of one epoch
+    run = next(in_tmp.glob("runs/**/version_0"))
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    line = fail([*sskd, "--trainer.max_epochs=5", f"--ckpt_path={run / 'checkpoints/last.ckpt'}"], capsys)
+    assert "SSKD phase epochs [1, 1, 1, 1], this run has [2, 1, 1, 1]" in line  # refused by the restored plan
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+
+
 # ---- 3. constructor checks --------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "build, message",
@@ -227,7 +242,7 @@ def test_a_teacher_named_without_version_is_the_newest_finished_run(run_copy, in
 
 
 def test_configs_name_teacher_runs_without_a_version():
-    named = [p for p in CONFIGS.rglob("*.yaml") if "/version_" in p.read_text()]
+    named = [p for p in CONFIGS.rglob("*.yaml") if re.search(r"version_\d", p.read_text())]
     assert named == []
 
 
@@ -291,6 +306,7 @@ def test_a_bad_model_argument_is_one_line_and_debug_shows_the_traceback(in_tmp, 
     line = fail([*TEACHER, "--model.init_args.model=resnet21"], capsys)
     assert "unknown model 'resnet21'; known models:" in line and "Namespace(" not in line
     assert "model.init_args.lr: Expected a <class 'float'>" in fail([*TEACHER, "--model.init_args.lr=abc"], capsys)
+    monkeypatch.setenv("DISTILL_DEBUG", "0")  # restored after the test: --debug sets it for DDP processes
     with pytest.raises(KeyError, match="resnet21"):
         main([*TEACHER, "--model.init_args.model=resnet21", "--debug"])
     monkeypatch.setenv("DISTILL_DEBUG", "1")
@@ -319,6 +335,13 @@ def test_the_console_script_prints_one_line(in_tmp):
     assert result.returncode == 1
     assert result.stderr.strip().startswith("distill: error: bad.yaml: not valid YAML at line 2")
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---- 9. no process group is left for the interpreter's finalisation -----------------------------------------
+def test_two_process_runs_release_their_process_group_before_exit(tmp_path):
+    args = [*TEACHER, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1"]
+    ranks = run_two_ranks(args, tmp_path, callback="rank_dump.ProcessGroupAtExit")
+    assert [bool(rank["alive"]) for rank in ranks] == [False, False]
 
 
 # ---- 8. exported files get the same mode -------------------------------------------------------------------

@@ -342,7 +342,7 @@ def startup(epochs=None, max_epochs=4, module=None):
 @pytest.mark.parametrize(
     ("epochs", "max_epochs", "message"),
     [
-        ([1, 1, 1, 2], 4, r"epochs=\[1, 1, 1, 2\] sum to 5, but trainer.max_epochs=4"),
+        ([1, 1, 1, 2], 4, r"epochs=\[1, 1, 1, 2\]: expected entries summing to trainer.max_epochs=4 \(they sum to 5\)"),
         ([2, 2], 4, r"has 2 entries, but the model has 4 phases \(stage 1, stage 2, stage 3, head\)"),
         (None, 3, r"trainer.max_epochs=3 cannot be split among the 4 phases"),
     ],
@@ -354,15 +354,15 @@ def test_bad_phase_epochs_fail_at_setup(epochs, max_epochs, message):
 
 def test_bad_phase_epochs_fail_through_cli(in_tmp, digits_teacher):
     with pytest.raises(ValueError, match=r"has 3 entries, but the model has 4 phases"):
-        main(digits_cli_args(digits_teacher, 4, "--trainer.callbacks.epochs=[1,1,2]"))
+        build_cli(digits_cli_args(digits_teacher, 4, "--trainer.callbacks.epochs=[1,1,2]"))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"epochs": [2, 0, 1, 1]}, r"epochs=\[2, 0, 1, 1\]: expected a list of positive epoch counts"),
+        ({"epochs": [2, 0, 1, 1]}, r"epochs=\[2, 0, 1, 1\]: expected a list of integers > 0"),
         ({"min_lr_factor": 1.5}, r"min_lr_factor=1.5"),
-        ({"step_milestones": [0.8, 0.5]}, r"step_milestones=\[0.8, 0.5\]: expected increasing fractions"),
+        ({"step_milestones": [0.8, 0.5]}, r"step_milestones=\[0.8, 0.5\]: expected a non-empty increasing list"),
     ],
 )
 def test_bad_callback_arguments_fail_at_construction(kwargs, message):
@@ -373,7 +373,7 @@ def test_bad_callback_arguments_fail_at_construction(kwargs, message):
 def test_model_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"student vgg8 has 5 stages and teacher resnet20 has 3"):
         SSKD(student="vgg8", teacher="resnet20", **DIGITS)
-    with pytest.raises(ValueError, match=r"head_trains='fc': expected one of classifier, head, last_stage_and_head"):
+    with pytest.raises(ValueError, match=r"head_trains='fc': expected one of 'classifier', 'head', 'last_stage_and_"):
         SSKD(student="resnet8", teacher="resnet20", head_trains="fc", **DIGITS)
     with pytest.raises(ValueError, match="SSKD needs the SSKDPhases callback"):
         fit_digits(None, student="resnet8", teacher="resnet20")

@@ -176,17 +176,40 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="distill export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a run's .ckpt (any method) or a plain state_dict")
+    parser = argparse.ArgumentParser(
+        prog="distill export",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a trained network from any method's checkpoint: a plain state_dict (.pt) with the\n"
+        "classic key names, .safetensors, TorchScript (traced) and ONNX (dynamic batch), and a .json with\n"
+        "the architecture, the input shape and the source checkpoint's SHA-256.",
+        epilog="example:\n  distill export runs/<name>/version_<n>/checkpoints/last.ckpt --out export/ --formats onnx",
+    )
+    parser.add_argument("checkpoint", help="a run's .ckpt (any method), or a plain state_dict (then give --arch)")
     parser.add_argument("--out", default="export", help="output directory (default: export/)")
-    parser.add_argument("--network", choices=NETWORKS, default="student")
-    parser.add_argument("--width", type=float, help="width of a slimmable network (PWKD teacher)")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    parser.add_argument("--name", help="file name stem (default: the architecture)")
-    parser.add_argument("--arch", help="architecture, when the checkpoint has no hyper_parameters")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--in-chans", type=int)
-    parser.add_argument("--image-size", type=int, help="input side used to trace (default: the run's)")
+    parser.add_argument(
+        "--network",
+        choices=NETWORKS,
+        default="student",
+        help="which network: the method's trained one (student, the default; a Supervised run's model), DML's "
+        "peer, or SOKD's improved teacher (teacher-improved)",
+    )
+    parser.add_argument(
+        "--width",
+        type=float,
+        help="width of a slimmable network (a PWKD teacher trained by SlimmableSupervised); default 1.0",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        default=list(FORMATS),
+        help=f"formats to write (default: all of {' '.join(FORMATS)})",
+    )
+    parser.add_argument("--name", help="file name stem (default: the architecture, with _w<width> when narrower)")
+    parser.add_argument("--arch", help="architecture, for a checkpoint without hyper_parameters (a plain state_dict)")
+    parser.add_argument("--num-classes", type=int, help="classes, for a checkpoint without hyper_parameters")
+    parser.add_argument("--in-chans", type=int, help="input channels, for a checkpoint without hyper_parameters")
+    parser.add_argument("--image-size", type=int, help="input side used to trace and check (default: the run's)")
     args = parser.parse_args(argv)
     net = load_network(
         args.checkpoint, args.network, args.width, args.arch, args.num_classes, args.in_chans, args.image_size
