@@ -155,18 +155,30 @@ def _loggers(config) -> list:
     return [logger for logger in (loggers if isinstance(loggers, list) else [loggers]) if logger]
 
 
+def _is_mapping(text: str) -> bool:
+    try:
+        return isinstance(yaml.safe_load(text), dict)
+    except yaml.YAMLError:
+        return False
+
+
 def check_config_files(argv: list[str]) -> None:
     """Every ``--config`` file, and the YAML files it names for a section (``trainer: trainer.yaml``), exists
-    and parses; the error names the file, line and column (jsonargparse's says ``"<unicode string>"``)."""
+    and parses; the error names the file, line and column (jsonargparse's says ``"<unicode string>"``). A
+    ``--config`` value that is a YAML mapping itself (``--config '{trainer: {max_epochs: 1}}'``) is left to
+    jsonargparse."""
     paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
     paths += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     pending, seen = [Path(p) for p in paths], set()
+    paths_given = set(pending)
     while pending:
         path = pending.pop()
         if path in seen:
             continue
         seen.add(path)
         if not path.is_file():
+            if path in paths_given and _is_mapping(str(path)):
+                continue
             raise MissingFileError(f"--config {path}: no such file (a path relative to {Path.cwd()})")
         try:
             content = yaml.safe_load(path.read_text())
@@ -251,7 +263,7 @@ class DistillCLI(LightningCLI):
                 init_args.name, init_args.version = resumed
             elif not init_args.name:
                 init_args.name = default_run_name(config)
-        self.checkpoint = self.check_checkpoint(config)
+        self._resume_checkpoint = self.check_checkpoint(config)
 
     def checkpoint_file(self, config) -> Path | None:
         """The file ``--ckpt_path`` resumes from: the path given, or for ``last`` the ``last.ckpt`` of the
@@ -283,7 +295,7 @@ class DistillCLI(LightningCLI):
         checkpoint = load_checkpoint(path, mmap=True)
         resolved = yaml.safe_load(self._parser(self.subcommand).dump(config, skip_none=False))
         check_resume(path, checkpoint, resolved, self.subcommand)
-        self.checkpoint_path = path
+        self._resume_path = path
         return checkpoint
 
     def instantiate_classes(self) -> None:
@@ -299,9 +311,9 @@ class DistillCLI(LightningCLI):
 
     def after_instantiate_classes(self) -> None:
         super().after_instantiate_classes()
-        if getattr(self, "checkpoint", None) is not None:
-            check_teacher(self.checkpoint_path, self.checkpoint, getattr(self.model, "teacher_info", None))
-            self.checkpoint = None  # memory-mapped: let it go before the fit loads it again
+        if getattr(self, "_resume_checkpoint", None) is not None:
+            check_teacher(self._resume_path, self._resume_checkpoint, getattr(self.model, "teacher_info", None))
+            self._resume_checkpoint = None  # memory-mapped: let it go before the fit loads it again
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Check that the loggers can write, run, and remove the run directory of a start that failed before

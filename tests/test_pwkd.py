@@ -475,15 +475,15 @@ def fake_cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slim_cifar_teacher(tmp_path_factory):
-    """A random slimmable resnet56 where the pwkd config expects it: runs/cifar100/slimmablesupervised/resnet56/..."""
+    """A random slimmable resnet56 where the pwkd config expects it: a finished run of
+    runs/cifar100/slimmablesupervised/resnet56 (its summary.json and last.ckpt at the same step)."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("runs_root")
     path = root / "runs/cifar100/slimmablesupervised/resnet56/version_0/checkpoints/last.ckpt"
     path.parent.mkdir(parents=True)
-    torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in make_slimmable(create_model("resnet56")).state_dict().items()}},
-        path,
-    )
+    state = {f"model.{k}": v for k, v in make_slimmable(create_model("resnet56")).state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 0}, path)
+    (path.parent.parent / "summary.json").write_text('{"global_step": 0}')
     return root
 
 
@@ -526,7 +526,8 @@ def test_pwkd_over_a_base_method_runs_through_cli_on_fake_cifar(
     [
         ({"widths": [0.5, 0.25, 1.0]}, "non-decreasing"),
         ({"widths": [0.25, 0.5]}, "the whole width 1.0 last"),
-        ({"widths": [0.25, 1.0], "reverse_order": True}, "first with reverse_order"),
+        ({"widths": [0.25, 1.0], "reverse_order": True}, "non-increasing"),
+        ({"widths": [0.5, 0.25], "reverse_order": True}, "first with reverse_order"),
         ({"widths": [0.5, 1.0], "epochs": [3]}, "expected 2 integers > 0"),
         ({"schedule": "step"}, "one of 'cyclic', 'monotone', 'base'"),
     ],

@@ -95,7 +95,7 @@ def test_resume_applies_what_may_change_and_keeps_every_segments_config(run_copy
     configs.append(yaml.safe_load((run_copy / "config.resume-2.yaml").read_text()))
     assert [c["trainer"]["max_epochs"] for c in configs] == [1, 2, 3]
     assert configs[1]["ckpt_path"] == str(last)
-    assert find_runs(run_copy.parent) == [run_copy] and read_config(run_copy)["trainer"]["max_epochs"] == 1
+    assert find_runs(run_copy.parent) == [run_copy] and read_config(run_copy)["trainer"]["max_epochs"] == 3
 
 
 def test_resume_refuses_a_changed_callback_argument_but_not_an_added_callback(run_copy):
