@@ -127,6 +127,11 @@ def check_resume(ckpt_path: str | Path, checkpoint: dict, config: dict, subcomma
     the config the checkpoint stored; evaluation, and checkpoints that stored none, compare the model's
     arguments (of an older checkpoint: those its ``hyper_parameters`` record).
     """
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ConfigError(
+            f"--ckpt_path {ckpt_path}: not a checkpoint of a distill run (no state_dict): --ckpt_path continues a run; "
+            "to start from a network's weights, give them as model.init_args.weights (Supervised)"
+        )
     stored = ((checkpoint.get("callbacks") or {}).get(CONFIG_STATE_KEY) or {}).get("config")
     if stored is not None and subcommand == "fit":
         found = differences(stored, config)

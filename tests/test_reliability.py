@@ -281,6 +281,13 @@ def test_a_damaged_checkpoint_is_named_without_suggesting_weights_only_false(run
     assert str(last) in line and "refused to load" in line and "weights_only" not in line
 
 
+def test_a_state_dict_given_as_ckpt_path_says_where_weights_go(in_tmp, capsys):
+    torch.save(create_model("resnet20", num_classes=10, in_chans=1).state_dict(), in_tmp / "weights.pt")
+    line = fail([*TEACHER, f"--ckpt_path={in_tmp / 'weights.pt'}"], capsys)
+    assert "not a checkpoint of a distill run" in line and "model.init_args.weights" in line
+    assert not (in_tmp / "runs").exists()
+
+
 class Exec:
     def __reduce__(self):
         return (os.system, ("true",))
