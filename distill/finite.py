@@ -12,9 +12,12 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
 
-class NonFiniteError(RuntimeError):
-    """Training produced a NaN or an infinity (or a checkpoint holds one)."""
+
+class NonFiniteError(UserError, RuntimeError):
+    """Training produced a NaN or an infinity (or a checkpoint holds one): the message names the step, the
+    non-finite values and the last good checkpoint, and :func:`distill.cli.main` prints it as one line."""
 
 
 def nonfinite_tensors(state: dict) -> list[str]:

@@ -16,6 +16,14 @@ class _AppendingWriter(ExperimentWriter):
             with self._fs.open(self.metrics_file_path, "r", newline="") as handle:
                 self.metrics_keys = next(csv.reader(handle), [])
 
+    def save(self) -> None:
+        """As Lightning's, except that ``hparams.yaml`` is written only once hyper-parameters were logged: a
+        resume refused while the checkpoint is restored leaves the run's file as it was."""
+        if self.hparams:
+            super().save()
+        else:
+            super(ExperimentWriter, self).save()  # the metrics only
+
 
 class ResumableCSVLogger(CSVLogger):
     """Lightning's CSVLogger, except that a fit resumed in its run directory appends to ``metrics.csv``

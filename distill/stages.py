@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .errors import ConfigError
 from .schedules import Constant, CyclicCosine, MultiStep, Schedule
 
 StageLR = Literal["base", "cyclic", "constant"]
@@ -59,11 +60,11 @@ def stage_epochs(stages: Sequence[Stage], max_epochs: int | None, epochs: Sequen
     names = ", ".join(s.name for s in stages)
     if epochs is not None:
         if len(epochs) != len(stages) or any(not isinstance(e, int) or e <= 0 for e in epochs):
-            raise ValueError(
+            raise ConfigError(
                 f"stages.epochs={list(epochs)}: expected {len(stages)} positive epoch counts, one per stage ({names})"
             )
         if sum(epochs) != max_epochs:
-            raise ValueError(
+            raise ConfigError(
                 f"stages.epochs={list(epochs)} sum to {sum(epochs)}, but trainer.max_epochs={max_epochs}: "
                 "expected them to be equal"
             )
@@ -74,7 +75,7 @@ def stage_epochs(stages: Sequence[Stage], max_epochs: int | None, epochs: Sequen
     shared = [i for i, s in enumerate(stages) if s.epochs is None]
     rest = (max_epochs or 0) - fixed
     if max_epochs is None or max_epochs <= 0 or rest < len(shared) or (not shared and rest):
-        raise ValueError(
+        raise ConfigError(
             f"trainer.max_epochs={max_epochs} cannot be split among the {len(stages)} stages ({names}): expected "
             f"{fixed} epochs for the fixed stages plus at least one for each of the other {len(shared)}"
         )
@@ -109,7 +110,7 @@ class StagedSchedule(Schedule):
         step_gamma: float = 0.1,
     ):
         if len(bounds) != len(policies) + 1:
-            raise ValueError(f"StagedSchedule needs one policy per stage: bounds {list(bounds)}, policies {policies}")
+            raise ConfigError(f"StagedSchedule needs one policy per stage: bounds {list(bounds)}, policies {policies}")
         self.starts, self.policies = list(bounds[:-1]), list(policies)
         trained = [i for i, p in enumerate(policies) if p != "constant"]
         method_start = bounds[trained[0]] if trained else 0  # "base" and "monotone" count from here
@@ -132,7 +133,7 @@ class StagedSchedule(Schedule):
             elif policy == "constant":
                 self.parts.append((bounds[i], Constant()))
             else:
-                raise ValueError(f"unknown stage LR policy {policy!r}")
+                raise ConfigError(f"unknown stage LR policy {policy!r}")
 
     def stage_of(self, epoch: float) -> int:
         return max(0, bisect.bisect_right(self.starts, epoch + 1e-9) - 1)

@@ -7,8 +7,9 @@
 Every job is an ordinary ``distill fit`` with its own run directory (``--runs``, default ``runs``):
 
 1. the teacher of every pair, ``cifar100/supervised/<arch>.yaml`` into
-   ``<runs>/cifar100/supervised/<arch>/version_0`` (where the pair files look for it), unless that run
-   has finished (its ``summary.json`` exists); seed 0, once per architecture;
+   ``<runs>/cifar100/supervised/<arch>/version_0``, unless that run has finished
+   (:func:`distill.run_dirs.is_finished`); seed 0, once per architecture. The pairs read the newest
+   finished run of ``<runs>/cifar100/supervised/<arch>`` (a run directory named without its version);
 2. every student from scratch, ``cifar100/supervised/<arch>.yaml`` into
    ``<runs>/cifar100/student/<arch>/seed<s>``, once per architecture and seed;
 3. every pair with every method, ``cifar100/pairs/<pair>.yaml`` + ``methods/<m>.yaml`` into
@@ -129,8 +130,18 @@ def supervised_config(arch: str) -> Path:
     return path
 
 
-def teacher_dir(runs: Path, arch: str) -> Path:
-    return runs / "cifar100/supervised" / arch / "version_0"
+def teacher_run(runs: Path, arch: str) -> Path:
+    """The teacher's run directory, without a version: ``teacher_weights`` takes its newest finished run."""
+    return runs / "cifar100/supervised" / arch
+
+
+def finished(run: Path) -> bool:
+    """:func:`distill.run_dirs.is_finished`, imported (with torch) only when the run has a summary."""
+    if not (run / "summary.json").is_file():
+        return False
+    from distill.run_dirs import is_finished
+
+    return is_finished(run)
 
 
 def import_class(path: str) -> type:
@@ -169,7 +180,7 @@ def plan(
     teachers = [
         Job(f"cifar100/supervised/{arch}", [supervised_config(arch)], [])
         for arch in dict.fromkeys(t for t, _ in networks.values())
-        if not (teacher_dir(runs, arch) / "summary.json").is_file()
+        if not finished(teacher_run(runs, arch) / "version_0")
     ]
     jobs = [
         Job(f"cifar100/student/{arch}/seed{seed}", [supervised_config(arch)], [*device, f"--seed_everything={seed}"])
@@ -179,7 +190,7 @@ def plan(
     caches: dict[Path, Job] = {}  # one pass per store: per teacher and data seed
     cached = {method for method in methods if teacher_cache and reads_only_teacher_logits(method)}
     for pair, (teacher, _) in networks.items():
-        weights = teacher_dir(runs, teacher) / "checkpoints/last.ckpt"
+        weights = teacher_run(runs, teacher)
         pair_file = CONFIGS / "cifar100/pairs" / f"{pair}.yaml"
         for method in methods:
             if pair not in ONLY_ON.get(method, (pair,)):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import CONFIGS, FAST
 
-from distill.cli import main
+from distill.cli import build_cli, main
 from distill.tools.runs import read_metrics, series
 
 
@@ -44,5 +44,5 @@ def test_validate_subcommand_reads_checkpoint(in_tmp):
 
 
 def test_unknown_model_lists_known_names(in_tmp):
-    with pytest.raises((KeyError, ValueError), match="unknown model 'resnet21'; known models: .*resnet20"):
-        fit_teacher(1, "--model.init_args.model=resnet21")
+    with pytest.raises(KeyError, match="unknown model 'resnet21'; known models: .*resnet20"):
+        build_cli(["fit", "--config", str(CONFIGS / "digits/teacher.yaml"), "--model.init_args.model=resnet21"])

@@ -19,6 +19,7 @@ from fakedata import write_fake_cifar100, write_fake_fashion_mnist, write_fake_i
 from distill.data.cifar import CIFAR100_MD5, CIFAR100_MEAN, CIFAR100_STD, CIFAR100DataModule
 from distill.data.fashion_mnist import FashionMNISTDataModule
 from distill.data.imagenet import ImageNetDataModule
+from distill.errors import BadFileError
 
 PIPELINES = ["torchvision", "device"]
 
@@ -162,7 +163,7 @@ def test_cifar_missing_files_error_names_directory_files_and_remedy(tmp_path):
 
 def test_cifar_checksum_mismatch_names_file_and_hashes(tmp_path):
     write_fake_cifar100(tmp_path)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(BadFileError) as error:
         cifar(tmp_path, verify_md5=True).setup()
     message = str(error.value)
     assert str(tmp_path / "cifar-100-python" / "train") in message and CIFAR100_MD5["train"] in message
@@ -181,10 +182,10 @@ def test_cifar_reader_runs_no_code_reads_python2_arrays_and_names_missing_keys(t
     train.write_bytes(train.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     cifar(tmp_path).setup()
     (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"fine_label_names": Payload()}, protocol=2))
-    with pytest.raises(RuntimeError, match=r"meta: not a CIFAR python-format file \(refusing to load .*getcwd"):
+    with pytest.raises(BadFileError, match=r"meta: not a CIFAR python-format file \(refusing to load .*getcwd"):
         cifar(tmp_path).setup()
     (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"label_names": []}))
-    with pytest.raises(RuntimeError, match=r"meta: not a CIFAR python-format file \(no fine_label_names\)"):
+    with pytest.raises(BadFileError, match=r"meta: not a CIFAR python-format file \(no fine_label_names\)"):
         cifar(tmp_path).setup()
 
 

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import torch
 from helpers import CONFIGS, FAST
 
-from distill.cli import build_cli, main
+from distill.cli import build_cli
 from distill.finite import NonFiniteError
 from distill.losses.term import DistillTerm
 from distill.tools.export import load_network
@@ -90,7 +90,7 @@ def boom_run(request, tmp_path_factory):
     os.chdir(root)
     try:
         with pytest.raises(NonFiniteError) as error:
-            main(
+            build_cli(
                 kd_args(
                     "boom",
                     '--model.init_args.terms+={"class_path": "test_nonfinite.Boom", "init_args": {"at_call": 6}}',

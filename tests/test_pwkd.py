@@ -418,8 +418,8 @@ def test_resume_in_stage_two_equals_uninterrupted(in_tmp, slim_digits_teacher):
         main([*args, f"--ckpt_path={first}"])
         assert_same_training_state(straight, torch.load(first, weights_only=True))
     other = stages_config(in_tmp, [0.5, 1.0], [1, 3], name="other")
-    with pytest.raises(ValueError, match="differs from the checkpoint"):
-        main([*pwkd_digits_args(slim_digits_teacher, terms, other, epochs=4), f"--ckpt_path={first}"])
+    with pytest.raises(ValueError, match=r"stages.epochs\[0\]=1 \(the checkpoint has 2\)"):
+        build_cli([*pwkd_digits_args(slim_digits_teacher, terms, other, epochs=4), f"--ckpt_path={first}"])
 
 
 def test_fresh_connectors_one_per_stage(slim_digits_teacher):
@@ -483,15 +483,15 @@ def fake_cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slim_cifar_teacher(tmp_path_factory):
-    """A random slimmable resnet56 where the pwkd config expects it: runs/cifar100/slimmablesupervised/resnet56/..."""
+    """A random slimmable resnet56 where the pwkd config expects it: a finished run of
+    runs/cifar100/slimmablesupervised/resnet56 (its summary.json and last.ckpt at the same step)."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("runs_root")
     path = root / "runs/cifar100/slimmablesupervised/resnet56/version_0/checkpoints/last.ckpt"
     path.parent.mkdir(parents=True)
-    torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in make_slimmable(create_model("resnet56")).state_dict().items()}},
-        path,
-    )
+    state = {f"model.{k}": v for k, v in make_slimmable(create_model("resnet56")).state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 0}, path)
+    (path.parent.parent / "summary.json").write_text('{"global_step": 0}')
     return root
 
 
@@ -597,7 +597,7 @@ def test_bad_configs_fail_at_construction_or_setup(tmp_path, slim_digits_teacher
 def test_bad_stage_epochs_stop_the_cli_before_training(in_tmp, slim_digits_teacher):
     cfg = stages_config(in_tmp, [0.5, 1.0], [1, 1])
     with pytest.raises(ValueError, match="sum to 2, but trainer.max_epochs=4"):
-        main(pwkd_digits_args(slim_digits_teacher, cfg, epochs=4))
+        build_cli(pwkd_digits_args(slim_digits_teacher, cfg, epochs=4))
     assert not list(in_tmp.glob("runs/**/*.ckpt"))
 
 

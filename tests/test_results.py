@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from helpers import CONFIGS, FAST
 
@@ -233,11 +234,14 @@ def test_reproduction_dry_run_counts_every_job(tmp_path):
     commands = reproduce(*args, cwd=tmp_path)
     assert len(commands) == 3 + 2 * 2 + 3 * 2 * 2
     assert all(" -m distill.cli fit " in c and " --ckpt_path=last" in c for c in commands)
-    teacher = tmp_path / "r/cifar100/supervised/ResNet50/version_0/checkpoints/last.ckpt"
+    teacher = tmp_path / "r/cifar100/supervised/ResNet50"  # its newest finished run
     assert commands[-1].endswith(f"--model.init_args.teacher_weights={teacher} --seed_everything=1")
     finished = tmp_path / "r/cifar100/supervised/resnet56/version_0"
-    finished.mkdir(parents=True)
-    (finished / "summary.json").write_text("{}")  # a finished teacher is not trained again
+    (finished / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 7}, finished / "checkpoints/last.ckpt")
+    (finished / "summary.json").write_text('{"global_step": 3}')  # resumed after it finished, then stopped
+    assert len(reproduce(*args, cwd=tmp_path)) == len(commands)
+    (finished / "summary.json").write_text('{"global_step": 7}')  # a finished teacher is not trained again
     assert len(reproduce(*args, cwd=tmp_path)) == len(commands) - 1
 
 

@@ -108,9 +108,9 @@ def test_bridge_stage_moves_the_bridge_and_bad_values_fail_naming_the_key():
     for value in (0, 3, -3):
         with pytest.raises(ValueError, match=f"bridge_stage .* 3 stages; got {value}"):
             sokd(None, bridge_stage=value)
-    with pytest.raises(ValueError, match="teacher_bn must be 'train' or 'eval', got 'frozen'"):
+    with pytest.raises(ValueError, match="SOKD teacher_bn='frozen': expected one of 'train', 'eval'"):
         sokd(None, teacher_bn="frozen")
-    with pytest.raises(ValueError, match="kbm_init must be 'random' or 'copy', got 'zeros'"):
+    with pytest.raises(ValueError, match="SOKD kbm_init='zeros': expected one of 'random', 'copy'"):
         sokd(None, kbm_init="zeros")
 
 

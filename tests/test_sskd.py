@@ -364,7 +364,7 @@ def test_bad_phase_epochs_fail_at_setup(epochs, max_epochs, message):
 @pytest.mark.slow
 def test_bad_phase_epochs_fail_through_cli(in_tmp, digits_teacher):
     with pytest.raises(ValueError, match=r"expected 4 positive epoch counts, one per stage"):
-        main(digits_cli_args(digits_teacher, 4, "--stages.epochs=[1,1,2]"))
+        build_cli(digits_cli_args(digits_teacher, 4, "--stages.epochs=[1,1,2]"))
 
 
 @pytest.mark.parametrize(
@@ -372,7 +372,7 @@ def test_bad_phase_epochs_fail_through_cli(in_tmp, digits_teacher):
     [
         ({"epochs": [2, 0, 1, 1]}, r"epochs=\[2, 0, 1, 1\]: expected a list of integers > 0"),
         ({"min_lr_factor": 1.5}, r"min_lr_factor=1.5"),
-        ({"step_milestones": [0.8, 0.5]}, r"step_milestones=\[0.8, 0.5\]: expected increasing fractions"),
+        ({"step_milestones": [0.8, 0.5]}, r"step_milestones=\[0.8, 0.5\]: expected a non-empty increasing list"),
     ],
 )
 def test_bad_plan_arguments_fail_at_construction(kwargs, message):
@@ -383,7 +383,7 @@ def test_bad_plan_arguments_fail_at_construction(kwargs, message):
 def test_model_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"student vgg8 has 5 stages and teacher resnet20 has 3"):
         SSKD(student="vgg8", teacher="resnet20", **DIGITS)
-    with pytest.raises(ValueError, match=r"head_trains='fc': expected one of classifier, head, last_stage_and_head"):
+    with pytest.raises(ValueError, match=r"head_trains='fc': expected one of 'classifier', 'head', 'last_stage_and_"):
         SSKD(student="resnet8", teacher="resnet20", head_trains="fc", **DIGITS)
     with pytest.raises(ValueError, match="SSKD needs the distill.callbacks.StagePlan callback"):
         fit_digits(None, student="resnet8", teacher="resnet20")

@@ -64,7 +64,7 @@ def test_plan_overrides_every_stage_but_constant_ones():
         "epochs": [1, 2, 2],
     }
     for epoch in range(5):
-        plan._enter(SimpleNamespace(current_epoch=epoch), module)
+        plan.enter(SimpleNamespace(current_epoch=epoch), module)
     assert module.entered == [(0, "init"), (1, "one"), (1, "one"), (2, "two"), (2, "two")]
     with pytest.raises(ValueError, match="differs from the checkpoint's"):
         plan.load_state_dict({**plan.state_dict(), "epochs": [1, 1, 3]})

@@ -174,6 +174,7 @@ def test_kd_from_a_timm_vit_teacher_on_a_fake_imagenet_tree_one_step(tmp_path):
     trainer = pl.Trainer(
         accelerator="cpu",
         max_steps=1,
+        log_every_n_steps=1,
         limit_val_batches=0,
         logger=False,
         enable_checkpointing=False,

@@ -210,5 +210,5 @@ def test_resuming_with_other_weights_under_the_same_name_is_refused(caches):
     OfflineKD(**kwargs, num_classes=5).on_save_checkpoint(checkpoint)
     assert checkpoint["distill_teacher"]["name"] == "timm:test_resnet"
     _cache_timm_weights(caches, seed=1)  # the cache now holds other weights under the same name
-    with pytest.raises(RuntimeError, match="teacher weights differ"):
+    with pytest.raises(ValueError, match="teacher weights differ"):
         OfflineKD(**kwargs, num_classes=5).on_load_checkpoint(checkpoint)

@@ -26,6 +26,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ..errors import ConfigError
+
 REQUEUE_SIGNAL = "SIGUSR1"
 
 
@@ -88,7 +90,9 @@ class PreemptionCheckpoint(pl.Callback):
     ):
         unknown = [name for name in signals if name not in signal.Signals.__members__]
         if unknown:
-            raise ValueError(f"unknown signal(s) {unknown}: expected names such as 'SIGTERM', 'SIGUSR1'")
+            raise ConfigError(
+                f"PreemptionCheckpoint signals: unknown signal(s) {unknown}: expected names like 'SIGTERM', 'SIGUSR1'"
+            )
         self.dirpath, self.filename, self.requeue = dirpath, filename, requeue
         self.signals = [signal.Signals[name] for name in signals]
         self.received: list[int] = []  # signals caught on this rank since training started

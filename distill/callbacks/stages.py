@@ -23,6 +23,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
 from .. import checks
+from ..errors import ConfigError
 from ..stages import PlanLR, Stage, StagedSchedule, stage_epochs
 
 PLAN_LR = ("own", "base", "cyclic", "step", "monotone")
@@ -62,10 +63,9 @@ class StagePlan(pl.Callback):
         checks.choice("StagePlan", "lr", lr, PLAN_LR)
         checks.fraction("StagePlan", "min_lr_factor", min_lr_factor, zero=True)
         checks.non_negative("StagePlan", "warmup_epochs", warmup_epochs)
-        if list(step_milestones) != sorted(step_milestones) or any(not 0 < f < 1 for f in step_milestones):
-            raise ValueError(
-                f"StagePlan step_milestones={list(step_milestones)}: expected increasing fractions in (0, 1)"
-            )
+        checks.ordered("StagePlan", "step_milestones", step_milestones, strict=True)
+        for milestone in step_milestones:
+            checks.fraction("StagePlan", "step_milestones", milestone, one=False)
         checks.positive("StagePlan", "step_gamma", step_gamma)
         self.epochs = None if epochs is None else list(epochs)
         self.lr, self.min_lr_factor, self.warmup_epochs = lr, min_lr_factor, warmup_epochs
@@ -96,7 +96,7 @@ class StagePlan(pl.Callback):
         pl_module.stage_schedule = None
         if self.multi_stage or policies != ["base"]:
             if not epochs:
-                raise ValueError(f"stages.lr={self.lr!r} needs a finite trainer.max_epochs to shape the LR over")
+                raise ConfigError(f"stages.lr={self.lr!r} needs a finite trainer.max_epochs to shape the LR over")
             configured = type(pl_module.lr_schedule).__name__
             pl_module.stage_schedule = StagedSchedule(
                 self.bounds, policies, pl_module.lr_schedule, self.min_lr_factor, self.warmup_epochs,
@@ -132,7 +132,7 @@ class StagePlan(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         """A fit resumes only under the plan it was trained with."""
         if state_dict and self.plan and state_dict != self.plan:  # validate/test set up no plan
-            raise ValueError(
+            raise ConfigError(
                 f"the stage plan {self.plan} differs from the checkpoint's {state_dict}; resume with the same "
                 "stages, stages.epochs, stages.lr and trainer.max_epochs"
             )

@@ -14,6 +14,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .. import checks
 from .augment import step_generator
 from .distributed import ResumableLoader, split_sampler
 
@@ -52,6 +53,9 @@ class ClassificationDataModule(pl.LightningDataModule):
         self, data_dir: str = "data", batch_size: int = 64, num_workers: int = 2, pin_memory: bool = True, seed: int = 0
     ):
         super().__init__()
+        owner = type(self).__name__
+        checks.positive_int(owner, "batch_size", batch_size)
+        checks.non_negative_int(owner, "num_workers", num_workers)
         self.seed = seed
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size

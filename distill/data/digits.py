@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .. import checks
 from .augment import random_crop_flip
 from .base import ClassificationDataModule
 
@@ -61,11 +62,13 @@ class DigitsDataModule(ClassificationDataModule):
         seed: int = 0,
     ):
         super().__init__(data_dir=".", batch_size=batch_size, num_workers=num_workers, pin_memory=False, seed=seed)
+        checks.positive_int("DigitsDataModule", "image_size", image_size)
+        checks.non_negative_int("DigitsDataModule", "pad", pad)
+        checks.fraction("DigitsDataModule", "test_fraction", test_fraction, one=False)
+        checks.fraction("DigitsDataModule", "train_fraction", train_fraction)
         self.image_size = image_size
         self.pad = pad
         self.test_fraction = test_fraction
-        if not 0 < train_fraction <= 1:
-            raise ValueError(f"train_fraction={train_fraction}: expected a fraction in (0, 1]")
         self.train_fraction = train_fraction
 
     def setup(self, stage: str | None = None) -> None:

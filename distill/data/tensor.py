@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from .. import checks
 from .augment import random_crop_flip
 from .base import ClassificationDataModule
 
@@ -90,8 +91,7 @@ class UInt8ImageDataModule(ClassificationDataModule):
         self, data_dir: str, batch_size: int, num_workers: int, pin_memory: bool, seed: int, pipeline: Pipeline
     ):
         super().__init__(data_dir, batch_size, num_workers, pin_memory, seed)
-        if pipeline not in ("torchvision", "device"):
-            raise ValueError(f"pipeline={pipeline!r}: expected 'torchvision' or 'device'")
+        checks.choice(type(self).__name__, "pipeline", pipeline, ("torchvision", "device"))
         self.pipeline = pipeline
 
     def read_splits(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:

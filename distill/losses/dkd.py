@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..checks import non_negative, positive
+from ..checks import non_negative, non_negative_int, positive
 from ..models.staged import StagedOutput
 from .kd import standardize_logits
 from .term import DistillTerm
@@ -86,9 +86,10 @@ class DKDTerm(DistillTerm):
         warmup: int = 20,
         standardize: bool = False,
     ):
-        for key, value in (("weight", weight), ("alpha", alpha), ("beta", beta), ("warmup", warmup)):
+        for key, value in (("weight", weight), ("alpha", alpha), ("beta", beta)):
             non_negative("DKDTerm", key, value)
         positive("DKDTerm", "temperature", temperature)
+        non_negative_int("DKDTerm", "warmup", warmup)
         super().__init__(weight)
         self.alpha, self.beta, self.temperature, self.warmup = alpha, beta, temperature, warmup
         self.standardize = standardize

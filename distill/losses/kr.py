@@ -24,6 +24,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from .. import checks
+
 Grouping = Literal["contiguous", "kmeans"]
 Shrink = Literal["crop", "average"]
 
@@ -139,8 +141,7 @@ def resize_kernel(weight: torch.Tensor, size: Sequence[int], shrink: Shrink = "c
     area-averaged; a dimension that grows is interpolated bilinearly with aligned corners (a 1×1
     kernel becomes constant; the centre of an odd kernel stays the centre).
     """
-    if shrink not in ("crop", "average"):
-        raise ValueError(f"shrink={shrink!r}: expected 'crop' or 'average'")
+    checks.choice("resize_kernel", "shrink", shrink, ("crop", "average"))
     c_out, c_in, kh, kw = weight.shape
     th, tw = size
     flat = weight.reshape(c_out * c_in, 1, kh, kw)
@@ -176,8 +177,8 @@ def aggregate_weight(
     if grouping == "kmeans":
         dense, _ = densify(weight.double(), groups)
         out_members = kmeans_membership(dense.reshape(dense.shape[0], -1), c_out, seed)
-    elif grouping != "contiguous":
-        raise ValueError(f"grouping={grouping!r}: expected 'contiguous' or 'kmeans'")
+    else:
+        checks.choice("aggregate_weight", "grouping", grouping, ("contiguous", "kmeans"))
     dense = aggregate_channels(weight, c_out, c_in_per_group * target_groups, groups, out_members)
     return take_groups(resize_kernel(dense, (kh, kw), shrink), target_groups)
 
@@ -194,8 +195,7 @@ def top_fraction_mask(reference: torch.Tensor, fraction: float) -> torch.Tensor:
 
     Ties are broken deterministically: among equal magnitudes the lower flat index is kept.
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction={fraction}: expected a value in (0, 1]")
+    checks.fraction("top_fraction_mask", "fraction", fraction)
     magnitude = reference.detach().abs().flatten()
     n = magnitude.numel()
     keep = max(1, int(fraction * n + 0.5))

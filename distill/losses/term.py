@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import checks
 from ..models.staged import StagedOutput
 
 TEACHER_FIELDS = frozenset(StagedOutput._fields) - {"preacts", "preact_bn"}
@@ -41,6 +42,7 @@ class DistillTerm(nn.Module):
 
     def __init__(self, weight: float = 1.0):
         super().__init__()
+        checks.non_negative(type(self).__name__, "weight", weight)
         self.weight = weight
 
     def build(self, student: StagedOutput, teacher: StagedOutput) -> None:

@@ -18,6 +18,8 @@ from pytorch_lightning.strategies import DDPStrategy
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from .. import checks
+from ..errors import ConfigError
 from ..finite import NonFiniteError, divergence_message, last_checkpoint, nonfinite_tensors, nonfinite_weights_message
 from ..models import StagedNet
 from ..schedules import MultiStep, Schedule
@@ -57,7 +59,7 @@ def refuse_lossy_sync_batchnorm(networks: dict[str, nn.Module]) -> None:
     for name, net in networks.items():
         for path, module in net.named_modules():
             if isinstance(module, nn.modules.batchnorm._BatchNorm) and type(module) not in PLAIN_BATCHNORMS:
-                raise ValueError(
+                raise ConfigError(
                     f"trainer.sync_batchnorm=true would replace {name}.{path} ({type(module).__name__}, a BatchNorm "
                     "with behaviour of its own) by a plain SyncBatchNorm and silently drop that behaviour; "
                     "train without sync_batchnorm"
@@ -67,7 +69,7 @@ def refuse_lossy_sync_batchnorm(networks: dict[str, nn.Module]) -> None:
 def require_unused_parameter_search(strategy, owner: str) -> None:
     """Refuse DDP without ``find_unused_parameters`` for a method that leaves parameters unused."""
     if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise ValueError(
+        raise ConfigError(
             f"{owner} leaves parameters unused in some steps, so DDP must look for them: set "
             "trainer.strategy to ddp_find_unused_parameters_true (got DDP with find_unused_parameters=False)"
         )
@@ -115,6 +117,13 @@ class DistillModule(pl.LightningModule):
         compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False,
     ):
         super().__init__()
+        owner = type(self).__name__
+        checks.choice(owner, "optimizer", optimizer, ("sgd", "adamw"))
+        checks.positive(owner, "lr", lr)
+        checks.fraction(owner, "momentum", momentum, zero=True, one=False)
+        checks.non_negative(owner, "weight_decay", weight_decay)
+        if lr_reference_batch is not None:
+            checks.positive_int(owner, "lr_reference_batch", lr_reference_batch)
         self.num_classes, self.in_chans, self.image_size = num_classes, in_chans, image_size
         self.optimizer_name, self.lr, self.momentum = optimizer, lr, momentum
         self.weight_decay, self.nesterov = weight_decay, nesterov
@@ -337,11 +346,14 @@ class DistillModule(pl.LightningModule):
     def raise_if_diverged(self) -> None:
         """Raise :class:`NonFiniteError` if any step so far had a non-finite loss term or gradient norm
         (every DDP process agrees). One device read: called where the host synchronises anyway."""
-        strategy = self.trainer.strategy
-        reduce_min = (lambda t: strategy.reduce(t, reduce_op="min")) if self.trainer.world_size > 1 else None
+        trainer = self._trainer
+        if trainer is None:  # no training step outside a Trainer
+            return
+        strategy = trainer.strategy
+        reduce_min = (lambda t: strategy.reduce(t, reduce_op="min")) if trainer.world_size > 1 else None
         bad = self.stats.first_nonfinite(reduce_min)
         if bad is not None:
-            raise NonFiniteError(divergence_message(*bad, last_checkpoint(self.trainer)))
+            raise NonFiniteError(divergence_message(*bad, last_checkpoint(trainer)))
 
     def on_validation_start(self) -> None:
         self.raise_if_diverged()  # never validate (nor select as best) weights from a diverged run
@@ -392,7 +404,7 @@ class DistillModule(pl.LightningModule):
         """Refuse to write a checkpoint after a non-finite step, or one whose weights are not finite
         (every checkpoint a fit writes passes here: ``last``, best, preemption)."""
         self.raise_if_diverged()
-        bad = nonfinite_tensors(checkpoint["state_dict"])
+        bad = nonfinite_tensors(checkpoint.get("state_dict", {}))
         if bad:
             raise NonFiniteError(
                 nonfinite_weights_message(

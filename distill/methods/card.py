@@ -14,6 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import ConfigError
+
 
 @dataclass(frozen=True)
 class RunCard:
@@ -61,7 +63,7 @@ def class_name(spec) -> str:
     path = spec if isinstance(spec, str) else (spec.get("class_path") if isinstance(spec, Mapping) else None)
     path = path or getattr(spec, "class_path", None)
     if not isinstance(path, str):
-        raise ValueError(f"expected a class_path, got {spec!r}")
+        raise ConfigError(f"expected a class_path, got {spec!r}")
     return path.rsplit(".", 1)[-1]
 
 
@@ -76,4 +78,4 @@ def method_class(class_path: str):
     try:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as error:
-        raise ValueError(f"cannot import the method class {class_path!r} ({error})") from error
+        raise ConfigError(f"cannot import the method class {class_path!r} ({error})") from error

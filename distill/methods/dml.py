@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from .. import checks
 from ..losses.kd import kd_loss
 from ..models import create_model
 from .base import MAIN, DistillModule
@@ -43,6 +44,9 @@ class DML(DistillModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        checks.positive("DML", "temperature", temperature)
+        checks.non_negative("DML", "ce_weight", ce_weight)
+        checks.non_negative("DML", "kl_weight", kl_weight)
         self.save_hyperparameters()
         self.temperature, self.ce_weight, self.kl_weight = temperature, ce_weight, kl_weight
         self.student = create_model(student, num_classes=self.num_classes, in_chans=self.in_chans)

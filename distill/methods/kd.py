@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from ..data.teacher_cache import TeacherCache, describe_run
+from ..errors import ConfigError
 from ..losses.term import TEACHER_FIELDS, DistillTerm
 from ..models import create_model
 from ..models.staged import dry_run, require_outputs
@@ -106,6 +108,7 @@ class OfflineKD(TeacherMixin, DistillModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        checks.non_negative(type(self).__name__, "ce_weight", ce_weight)
         self.save_hyperparameters(ignore=["terms"])
         self.ce_weight = ce_weight
         self.student = create_model(
@@ -118,7 +121,7 @@ class OfflineKD(TeacherMixin, DistillModule):
         self.teacher_cache_path, self.teacher_cache = teacher_cache, None  # the store is opened at fit setup
         refusals = teacher_cache_refusals(type(self), zip(self.term_names, self.terms)) if teacher_cache else []
         if refusals:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher_cache={teacher_cache!r} holds teacher logits only, but {'; '.join(refusals)}: "
                 "run without model.init_args.teacher_cache"
             )

@@ -55,6 +55,8 @@ import torch.distributed as dist
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from ..losses.kr import Grouping, Shrink, aggregate_weight, prior_penalty, rescale_to_std, top_fraction_mask
 from ..models import StagedNet
 from .kd import OfflineKD
@@ -171,13 +173,12 @@ def match_layers(
     a conv is penalised when it has a teacher match and some pattern selects it. A pattern that
     selects no student conv is an error.
     """
-    if level not in ("layer", "stage"):
-        raise ValueError(f"level={level!r}: expected 'layer' or 'stage'")
+    checks.choice("match_layers", "level", level, ("layer", "stage"))
     rows = _matches(student, teacher, level, match_kernel_size)
     keys = [f"{label}/{conv.name}" for label, conv, _ in rows]
     for pattern in layers:
         if not any(fnmatchcase(key, pattern) for key in keys):
-            raise ValueError(f"layers: pattern {pattern!r} selects no student conv; the convs are {', '.join(keys)}")
+            raise ConfigError(f"layers: pattern {pattern!r} selects no student conv; the convs are {', '.join(keys)}")
     return [
         LayerMatch(
             label,
@@ -229,11 +230,6 @@ def _buffer_key(name: str) -> str:
     return name.replace(".", "__")
 
 
-def _check_choice(key: str, value, choices: tuple) -> None:
-    if value not in choices:
-        raise ValueError(f"KR {key}={value!r}: expected one of {', '.join(map(repr, choices))}")
-
-
 class KR(OfflineKD):
     """Offline KD (CE + the ``terms``, e.g. KD on logits) plus KR's sparse prior penalty β·R.
 
@@ -272,18 +268,17 @@ class KR(OfflineKD):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if beta < 0:
-            raise ValueError(f"KR beta={beta}: expected a weight >= 0")
-        if not 0 < rho <= 1:
-            raise ValueError(f"KR rho={rho}: expected a fraction in (0, 1]")
-        _check_choice("grouping", grouping, ("contiguous", "kmeans"))
-        _check_choice("shrink_kernel", shrink_kernel, ("crop", "average"))
-        _check_choice("prior", prior, ("aggregated", "random"))
+        checks.non_negative("KR", "beta", beta)
+        checks.fraction("KR", "rho", rho)
+        checks.choice("KR", "level", level, ("layer", "stage"))
+        checks.choice("KR", "grouping", grouping, ("contiguous", "kmeans"))
+        checks.choice("KR", "shrink_kernel", shrink_kernel, ("crop", "average"))
+        checks.choice("KR", "prior", prior, ("aggregated", "random"))
         self.beta, self.rho, self.remask_every_epoch = beta, rho, remask_every_epoch
         self.matching = match_layers(self.student, self.teacher, level, match_kernel_size, layers or ["*"])
         selected = [m for m in self.matching if m.penalised]
         if not selected:
-            raise ValueError(
+            raise ConfigError(
                 f"KR: no student conv gets a prior ({self.hparams.student} from {self.hparams.teacher}, "
                 f"layers={layers}):\n{format_matching(self.matching)}"
             )

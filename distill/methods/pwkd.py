@@ -17,9 +17,11 @@ import torch
 from torch import nn
 
 from .. import checks
+from ..errors import ConfigError
 from ..losses.crd import ContrastMemory
 from ..models.slimmable import DEFAULT_WIDTHS, load_slimmable, make_slimmable, set_width
 from ..models.staged import dry_run
+from ..models.weights import load_checkpoint
 from ..stages import Stage
 from .connectors import PerStageConnector, SlicedConnector, fits_inside, tensor_shapes
 from .kd import OfflineKD
@@ -30,7 +32,7 @@ def trained_widths(path: str, held: Sequence[float]) -> list[float]:
     """The widths the checkpoint at ``path`` was trained at: the ``train_widths`` its ``SlimmableSupervised``
     run recorded among its hyper-parameters, else every width it holds (``held``). Memory-mapped: the
     tensors, already read by the loader, are not read again."""
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    checkpoint = load_checkpoint(path, mmap=True)
     recorded = (checkpoint.get("hyper_parameters") or {}).get("train_widths") if isinstance(checkpoint, dict) else None
     return sorted(float(w) for w in recorded) if recorded else [float(w) for w in held]
 
@@ -88,7 +90,7 @@ class PWKD(OfflineKD):
         order = widths[::-1] if reverse_order else widths
         if not widths or order != sorted(order) or order[-1] != 1.0:
             expected = "start at 1.0 and do not increase" if reverse_order else "do not decrease and end at 1.0"
-            raise ValueError(f"PWKD stage_widths={widths}: expected widths in (0, 1] that {expected}")
+            raise ConfigError(f"PWKD stage_widths={widths}: expected widths in (0, 1] that {expected}")
         checks.choice("PWKD", "connectors", connectors, ("sliced", "fresh"))
         self.connectors = connectors
         self.stage_teacher_weights = list(stage_teacher_weights or [])
@@ -108,7 +110,7 @@ class PWKD(OfflineKD):
         if not self.stage_teacher_weights:
             return self._load_slimmable(name, weights.format(teacher=name) if weights else None, model_kwargs)
         if weights:
-            raise ValueError(
+            raise ConfigError(
                 "PWKD takes teacher_weights or stage_teacher_weights, not both (set teacher_weights: null)"
             )
         loaded = [
@@ -130,7 +132,8 @@ class PWKD(OfflineKD):
         teacher, info = build_teacher(
             name, path, self.num_classes, self.in_chans, model_kwargs, load=load, weights_key=key
         )
-        info["widths"] = trained_widths(path, teacher.slimmable_widths) if path else list(teacher.slimmable_widths)
+        held = teacher.slimmable_widths
+        info["widths"] = trained_widths(info["weights"], held) if info["weights"] else list(held)
         return teacher, info
 
     def _apply(self, fn, *args, **kwargs):
@@ -159,20 +162,20 @@ class PWKD(OfflineKD):
         record = self.teacher_info
         if self.stage_teachers:
             if len(self.stage_teachers) != len(widths):
-                raise ValueError(
+                raise ConfigError(
                     f"PWKD has {len(self.stage_teachers)} stage_teacher_weights for {len(widths)} stage_widths "
                     f"{list(widths)}: expected one teacher file per stage"
                 )
             for k, (width, trained) in enumerate(zip(widths, record["widths"])):
                 if width not in trained:
-                    raise ValueError(
+                    raise ConfigError(
                         f"PWKD stage {k} runs its teacher at width {width}, but {record['weights'][k]} was trained at "
                         f"widths {trained}; train it with train_widths: [{width}]"
                     )
         else:
             missing = sorted(set(widths) - set(record["widths"]))
             if missing:
-                raise ValueError(
+                raise ConfigError(
                     f"PWKD stage widths {missing} are not widths the teacher was trained at ({record['widths']}, "
                     f"from {record['weights']}); train a slimmable teacher at them (lightning_configs/pwkd/*/teachers/)"
                 )
@@ -203,7 +206,7 @@ class PWKD(OfflineKD):
                 narrow = {w: getattr(templates[w], name) for w in changed}
                 for w, module in narrow.items():
                     if not fits_inside(tensor_shapes(module), shape):
-                        raise ValueError(
+                        raise ConfigError(
                             f"the {term.name} connector {name!r} changes structure at teacher width {w}; "
                             "it cannot be sliced (set connectors: fresh)"
                         )
@@ -252,7 +255,7 @@ class PWKD(OfflineKD):
     # ---- Lightning hooks ---------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.stage_bounds is None:
-            raise ValueError(
+            raise ConfigError(
                 "PWKD needs the distill.callbacks.StagePlan callback in trainer.callbacks (the distill CLI adds it)"
             )
         super().setup(stage)

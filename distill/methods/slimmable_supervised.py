@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import checks
+from ..errors import ConfigError
 from ..models import create_model
 from ..models.slimmable import DEFAULT_WIDTHS, check_widths, load_slimmable, make_slimmable, set_width, width_name
 from .base import MAIN, DistillModule
@@ -66,12 +68,13 @@ class SlimmableSupervised(DistillModule):
         model_kwargs: dict | None = None,
         **kwargs,
     ):
+        checks.positive("SlimmableSupervised", "inplace_temperature", inplace_temperature)
         self.widths = check_widths(widths)
         self.train_widths = self.widths if train_widths is None else tuple(sorted({float(w) for w in train_widths}))
         if not self.train_widths or not set(self.train_widths) <= set(self.widths):
-            raise ValueError(f"train_widths {list(self.train_widths)} must be some of the widths {list(self.widths)}")
+            raise ConfigError(f"train_widths {list(self.train_widths)} must be some of the widths {list(self.widths)}")
         if sandwich and self.train_widths[-1] != 1.0:
-            raise ValueError("sandwich needs the whole width among train_widths (it teaches the narrower ones)")
+            raise ConfigError("sandwich needs the whole width among train_widths (it teaches the narrower ones)")
         self.eval_names = (MAIN,) + tuple(width_name(w) for w in self.train_widths[:-1])  # read by the base's metrics
         super().__init__(**kwargs)
         self.save_hyperparameters()

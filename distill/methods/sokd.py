@@ -29,11 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from ..losses.kd import kd_loss
 from ..losses.term import DistillTerm
 from ..models import StagedNet, StagedOutput, create_model, read_state_dict
 from ..models.staged import dry_run, evaluating
-from ..models.weights import WeightLoadError, file_sha256
+from ..models.weights import WeightLoadError, file_sha256, load_checkpoint
 from .base import MAIN
 from .card import Network
 from .kd import OfflineKD, unique_names
@@ -93,7 +95,7 @@ class KnowledgeBridge(nn.Module):
         keep = set().union(*(_tensor_ids(part) for part in bridged))
         _prune_to(net, keep)
         if _tensor_ids(net) != keep:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(net).__name__}: stages {first_stage}.. and the head share modules with the earlier stages"
             )
         self.net, self.first_stage = net, first_stage
@@ -127,7 +129,7 @@ def improved_teacher_state_dict(
     run recorded (SHA-256 checked; ``teacher_weights`` overrides the path), with its BatchNorm buffers as
     the checkpoint saved them when the run used ``teacher_bn=train``, and the KBM's weights in place of
     the teacher's last stages and head."""
-    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(checkpoint)
     record, teacher = ckpt.get("distill_sokd"), ckpt.get("distill_teacher")
     if record is None or teacher is None:
         raise WeightLoadError(f"{checkpoint}: not a SOKD checkpoint (no 'distill_sokd' record)")
@@ -199,12 +201,18 @@ class SOKD(OfflineKD):
         teacher_kwargs: dict | None = None,
         **kwargs,
     ):
-        if teacher_bn not in ("train", "eval"):
-            raise ValueError(f"teacher_bn must be 'train' or 'eval', got {teacher_bn!r}")
-        if kbm_init not in ("random", "copy"):
-            raise ValueError(f"kbm_init must be 'random' or 'copy', got {kbm_init!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        checks.choice("SOKD", "teacher_bn", teacher_bn, ("train", "eval"))
+        checks.choice("SOKD", "kbm_init", kbm_init, ("random", "copy"))
+        checks.positive("SOKD", "temperature", temperature)
+        for key, weight in (
+            ("kl_weight", kl_weight),
+            ("kbm_ce_weight", kbm_ce_weight),
+            ("kbm_teacher_kl_weight", kbm_teacher_kl_weight),
+            ("kbm_student_kl_weight", kbm_student_kl_weight),
+        ):
+            checks.non_negative("SOKD", key, weight)
+        if kbm_lr is not None:
+            checks.positive("SOKD", "kbm_lr", kbm_lr)
         # The terms are built below, once the KBM exists: its output is their feature target.
         super().__init__(
             student=student,
@@ -228,7 +236,7 @@ class SOKD(OfflineKD):
         self.teacher_kwargs = dict(teacher_kwargs or {})
         n = len(self.teacher.stages)
         if not -n < bridge_stage < n or bridge_stage % n == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"bridge_stage must name one of the stages 1..{n - 1} (or -{n - 1}..-1) of the teacher "
                 f"{teacher!r}, which has {n} stages; got {bridge_stage}"
             )

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from ..models import StagedNet, create_model, stage_channels
 from ..models.staged import Chain
 from ..stages import Stage
@@ -146,9 +148,9 @@ class SSKD(TeacherMixin, DistillModule):
     ):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        for key, value, allowed in (("plan", plan, PLANS), ("head_trains", head_trains, HEAD_TRAINS)):
-            if value not in allowed:
-                raise ValueError(f"SSKD {key}={value!r}: expected one of {', '.join(allowed)}")
+        checks.choice("SSKD", "plan", plan, PLANS)
+        checks.choice("SSKD", "head_trains", head_trains, HEAD_TRAINS)
+        checks.non_negative("SSKD", "mimic_weight", mimic_weight)
         self.mimic_weight = mimic_weight
         self.student = create_model(
             student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {})
@@ -158,7 +160,7 @@ class SSKD(TeacherMixin, DistillModule):
         s_channels = stage_channels(self.student, self.in_chans, self.image_size)
         t_channels = stage_channels(self.teacher, self.in_chans, self.image_size)
         if len(s_channels) != len(t_channels):
-            raise ValueError(
+            raise ConfigError(
                 f"SSKD matches student stage k with teacher stage k, but student {student} has "
                 f"{len(s_channels)} stages and teacher {teacher} has {len(t_channels)}"
             )
@@ -237,7 +239,7 @@ class SSKD(TeacherMixin, DistillModule):
     # ---- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.stage_bounds is None:
-            raise ValueError(
+            raise ConfigError(
                 "SSKD needs the distill.callbacks.StagePlan callback in trainer.callbacks (the distill CLI adds it)"
             )
 

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, MissingFileError
 from ..models import StagedNet, create_model, load_weights
 from ..models.pretrained import is_named, resolve_named
 from ..models.weights import file_sha256
+from ..run_dirs import run_checkpoint
 
 
 def load_plain(teacher: nn.Module, weights: str | None) -> None:
@@ -35,11 +37,16 @@ def build_teacher(
     weights_key: str = "teacher_weights",
 ) -> tuple[StagedNet, dict]:
     """Create the teacher, ``load`` its weights (PWKD passes a slimmable loader), freeze it; return
-    it with a record of where it came from. ``weights`` is a path or a name resolved from the local
-    cache (:mod:`distill.models.pretrained`); ``weights_key`` is the argument a missing file is named by."""
-    file = resolve_named(weights, name, weights_key) if is_named(weights) else weights
+    it with a record of where it came from. ``weights`` is a path, a name resolved from the local cache
+    (:mod:`distill.models.pretrained`), or a run directory (:func:`distill.run_dirs.run_checkpoint`:
+    ``runs/<name>`` is the newest finished run of that name; the record holds the file used);
+    ``weights_key`` is the argument a missing file is named by."""
+    if is_named(weights):
+        file = resolve_named(weights, name, weights_key)
+    else:
+        file = weights = run_checkpoint(weights, weights_key) if weights else weights
     if file and not Path(file).is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"teacher checkpoint {weights!r} ({name}) does not exist: train the teacher first "
             "(the config that sets this path "
             f"names, in its comments, the run that writes it) or set model.init_args.{weights_key}"
@@ -92,7 +99,7 @@ class TeacherMixin:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("distill_teacher")
         if saved and saved.get("sha256") != self.teacher_info.get("sha256"):
-            raise RuntimeError(
+            raise ConfigError(
                 f"the teacher weights differ from those the checkpoint was trained with: checkpoint has "
                 f"{saved.get('weights')} (sha256 {saved.get('sha256')}), this run loads "
                 f"{self.teacher_info.get('weights')} (sha256 {self.teacher_info.get('sha256')})"

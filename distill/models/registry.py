@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ..errors import UnknownNameError
 from .staged import StagedNet
 
 _REGISTRY: dict[str, Callable[..., StagedNet]] = {}
@@ -33,7 +34,7 @@ def create_model(name: str, num_classes: int = 100, in_chans: int = 3, **kwargs)
 
         return create_timm(name.removeprefix("timm/"), num_classes=num_classes, in_chans=in_chans, **kwargs)
     if name not in _REGISTRY:
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown model {name!r}; known models: {', '.join(list_models())}, or any timm model as timm/<name>"
         )
     return _REGISTRY[name](num_classes=num_classes, in_chans=in_chans, **kwargs)

@@ -32,7 +32,7 @@ from ..finite import NonFiniteError, nonfinite_tensors, nonfinite_weights_messag
 from ..methods.card import Network, method_class
 from ..models import create_model, read_state_dict
 from ..models.slimmable import checkpoint_widths, make_slimmable, set_width
-from ..models.weights import WeightLoadError, file_sha256
+from ..models.weights import WeightLoadError, file_sha256, load_checkpoint
 
 FORMATS = ("pt", "safetensors", "torchscript", "onnx")
 SUFFIXES = {"pt": ".pt", "safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
@@ -103,7 +103,7 @@ def load_network(
     """Rebuild ``network`` of ``checkpoint`` (a method's ``.ckpt`` or a plain state_dict)."""
     path = Path(checkpoint)
     state = read_state_dict(path)  # readable, so safe to load again below
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(path)
     hparams = (ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None) or {}
     kwargs = {}
     if hparams:
@@ -160,14 +160,12 @@ def export(
     if "pt" in paths:
         torch.save(net.state_dict(), paths["pt"])
     if "safetensors" in paths:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-        save_file(
-            tensors,
-            paths["safetensors"],
-            {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()},
-        )
+        header = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()}
+        # written by Python, not by safetensors' save_file (mode 0600): the umask applies as to the other files
+        paths["safetensors"].write_bytes(save(tensors, metadata=header))
     example = net.example()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript and the TorchScript-based ONNX exporter
@@ -191,21 +189,39 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="distill export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a run's .ckpt (any method) or a plain state_dict")
+    parser = argparse.ArgumentParser(
+        prog="distill export",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a trained network from any method's checkpoint: a plain state_dict (.pt) with the\n"
+        "classic key names, .safetensors, TorchScript (traced) and ONNX (dynamic batch), and a .json with\n"
+        "the architecture, the input shape and the source checkpoint's SHA-256.",
+        epilog="example:\n  distill export runs/<name>/version_<n>/checkpoints/last.ckpt --out export/ --formats onnx",
+    )
+    parser.add_argument("checkpoint", help="a run's .ckpt (any method), or a plain state_dict (then give --arch)")
     parser.add_argument("--out", default="export", help="output directory (default: export/)")
     parser.add_argument(
         "--network",
         default="student",
-        help="which network of the checkpoint: student (default), peer (DML), teacher-improved (SOKD)",
+        help="which network: the method's trained one (student, the default; a Supervised run's model), DML's "
+        "peer, or SOKD's improved teacher (teacher-improved); the error lists a checkpoint's networks",
     )
-    parser.add_argument("--width", type=float, help="width of a slimmable network (PWKD teacher)")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    parser.add_argument("--name", help="file name stem (default: the architecture)")
-    parser.add_argument("--arch", help="architecture, when the checkpoint has no hyper_parameters")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--in-chans", type=int)
-    parser.add_argument("--image-size", type=int, help="input side used to trace (default: the run's)")
+    parser.add_argument(
+        "--width",
+        type=float,
+        help="width of a slimmable network (a PWKD teacher trained by SlimmableSupervised); default 1.0",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        default=list(FORMATS),
+        help=f"formats to write (default: all of {' '.join(FORMATS)})",
+    )
+    parser.add_argument("--name", help="file name stem (default: the architecture, with _w<width> when narrower)")
+    parser.add_argument("--arch", help="architecture, for a checkpoint without hyper_parameters (a plain state_dict)")
+    parser.add_argument("--num-classes", type=int, help="classes, for a checkpoint without hyper_parameters")
+    parser.add_argument("--in-chans", type=int, help="input channels, for a checkpoint without hyper_parameters")
+    parser.add_argument("--image-size", type=int, help="input side used to trace and check (default: the run's)")
     args = parser.parse_args(argv)
     try:
         net = load_network(
