@@ -380,6 +380,9 @@ def test_train_val_indices_errors_name_the_fraction_and_the_class():
         train_val_indices(labels, 1.0, 1.0, 0)
     with pytest.raises(ValueError, match=re.escape("train_fraction=0: expected a fraction in (0, 1]")):
         train_val_indices(labels, 0.0, 0, 0)
+    message = "FashionMNISTDataModule val_fraction=-0.1: expected a fraction in [0, 1)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FashionMNISTDataModule(val_fraction=-0.1)
     with pytest.raises(ValueError, match=r"class 2 has 11 training images, leaving 0 for validation and 0 for"):
         train_val_indices(labels, 0.03, 0.03, 0)
 

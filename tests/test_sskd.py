@@ -154,7 +154,11 @@ def test_step_schedule_drops_within_each_phase_and_restarts():
 
 def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ():
     s, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 8, 8)
-    assert torch.allclose(mimic_loss(s, t), torch.mean((s - torch.nn.functional.avg_pool2d(t, 2)) ** 2))
+    pooled = t.double().reshape(2, 4, 4, 2, 4, 2).mean((3, 5))  # 2x2 average pooling, by hand
+    squared = (s.double() - pooled) ** 2
+    # default: squared distance of the 4-channel feature vectors, averaged over 2·4·4 positions
+    torch.testing.assert_close(mimic_loss(s, t).double(), squared.sum() / 32)
+    torch.testing.assert_close(mimic_loss(s, t, "mean").double(), squared.mean())
     same = SSKD(student="resnet8", teacher="resnet20", **DIGITS)
     assert all(isinstance(a, torch.nn.Identity) for a in same.adapters)
     cross = SSKD(student="ShuffleV1", teacher="resnet32x4", num_classes=100, in_chans=3, image_size=32)
@@ -375,6 +379,8 @@ def test_model_errors_name_the_problem():
         SSKD(student="vgg8", teacher="resnet20", **DIGITS)
     with pytest.raises(ValueError, match=r"head_trains='fc': expected one of classifier, head, last_stage_and_head"):
         SSKD(student="resnet8", teacher="resnet20", head_trains="fc", **DIGITS)
+    with pytest.raises(ValueError, match=r"mimic_reduction='sum': expected one of channel_sum, mean"):
+        SSKD(student="resnet8", teacher="resnet20", mimic_reduction="sum", **DIGITS)
     with pytest.raises(ValueError, match="SSKD needs the SSKDPhases callback"):
         fit_digits(None, student="resnet8", teacher="resnet20")
     with pytest.raises(TypeError, match="SSKDPhases drives distill.methods.sskd.SSKD"):

@@ -14,9 +14,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ..checks import fraction
 from .augment import step_generator
 from .distributed import ResumableLoader, split_sampler
-from .splits import check_fraction, train_val_indices
+from .splits import train_val_indices
 
 
 class Indexed(Dataset):
@@ -64,8 +65,9 @@ class ClassificationDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.seed = seed
-        self.train_fraction = check_fraction("train_fraction", train_fraction, allow_zero=False)
-        self.val_fraction = check_fraction("val_fraction", val_fraction, allow_zero=True)
+        fraction(type(self).__name__, "train_fraction", train_fraction)
+        fraction(type(self).__name__, "val_fraction", val_fraction, zero=True, one=False)
+        self.train_fraction, self.val_fraction = float(train_fraction), float(val_fraction)
         self.split_seed = split_seed
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size

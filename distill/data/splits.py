@@ -15,14 +15,7 @@ from __future__ import annotations
 
 import torch
 
-
-def check_fraction(name: str, value: float, allow_zero: bool) -> float:
-    """``value`` if it is a fraction in [0, 1) (``allow_zero``, a held-out part) or (0, 1] (a kept part)."""
-    ok = 0 <= value < 1 if allow_zero else 0 < value <= 1
-    if not ok:
-        expected = "[0, 1): the share of the training split held out" if allow_zero else "(0, 1]: the share kept"
-        raise ValueError(f"{name}={value}: expected a fraction in {expected}")
-    return float(value)
+from ..checks import fraction
 
 
 def class_permutations(targets: torch.Tensor, seed: int) -> list[torch.Tensor]:
@@ -51,8 +44,8 @@ def train_val_indices(
     ``round(m_class · train_fraction)`` of the ``m_class`` images left in every class. A class left with
     no training image, or with none held out while ``val_fraction > 0``, is an error naming it.
     """
-    check_fraction("val_fraction", val_fraction, allow_zero=True)
-    check_fraction("train_fraction", train_fraction, allow_zero=False)
+    fraction("train_val_indices", "val_fraction", val_fraction, zero=True, one=False)
+    fraction("train_val_indices", "train_fraction", train_fraction)
     classes = targets.unique(sorted=True).tolist()
     train, val = [], []
     for cls, members in zip(classes, class_permutations(targets, split_seed)):
