@@ -16,7 +16,7 @@ from distill.callbacks.sskd import PhaseMultiStep, SSKDPhases
 from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
 from distill.methods import Supervised
-from distill.methods.sskd import SSKD, mimic_loss, require_unused_parameter_search
+from distill.methods.sskd import SSKD, default_phase_epochs, mimic_loss, require_unused_parameter_search
 from distill.models import create_model
 from distill.tools.results import load_run
 from distill.tools.runs import read_metrics
@@ -172,11 +172,12 @@ def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ
 @pytest.mark.parametrize(
     ("pair", "adapters", "epochs"),
     [
-        ("cifar100/pairs/resnet56_resnet20.yaml", 0, [60] * 4),
-        ("cifar100/pairs/resnet32x4_resnet8x4.yaml", 0, [60] * 4),
-        ("cifar100/pairs/vgg13_vgg8.yaml", 0, [40] * 6),
-        ("cifar100/pairs/wrn_40_2_wrn_40_1.yaml", 3, [60] * 4),
-        ("imagenet/pairs/resnet34_resnet18.yaml", 0, [20] * 5),
+        # the head phase 10% of the epochs, the stage phases an equal split of the rest
+        ("cifar100/pairs/resnet56_resnet20.yaml", 0, [72, 72, 72, 24]),
+        ("cifar100/pairs/resnet32x4_resnet8x4.yaml", 0, [72, 72, 72, 24]),
+        ("cifar100/pairs/vgg13_vgg8.yaml", 0, [44, 43, 43, 43, 43, 24]),
+        ("cifar100/pairs/wrn_40_2_wrn_40_1.yaml", 3, [72, 72, 72, 24]),
+        ("imagenet/pairs/resnet34_resnet18.yaml", 0, [23, 23, 22, 22, 10]),
     ],
 )
 def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
@@ -409,3 +410,11 @@ def test_only_the_head_phase_can_be_the_best(tmp_path, digits_teacher, monkeypat
     assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == ["best-epoch005.ckpt"]
     assert "val/teacher_top1_best" in {k for r in rows for k in r}  # the teacher's measurement still counts
     assert load_run(run).best == pytest.approx(100 * top1[5])  # the results table's [best] too
+
+
+def test_default_phase_epochs_give_the_head_a_tenth_and_the_stages_the_rest():
+    assert default_phase_epochs(60, 4) == [18, 18, 18, 6]
+    assert default_phase_epochs(4, 4) == [1, 1, 1, 1]  # the head gets at least one epoch
+    assert default_phase_epochs(5, 4) == [2, 1, 1, 1]
+    assert default_phase_epochs(30, 2) == [27, 3]  # joint_mimic: all stages, then the head
+    assert default_phase_epochs(7, 1) == [7]  # joint_ce: one phase

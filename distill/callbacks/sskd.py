@@ -18,7 +18,7 @@ from typing import Literal
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.rank_zero import rank_zero_info
 
-from ..methods.sskd import SSKD
+from ..methods.sskd import SSKD, default_phase_epochs
 from ..schedules import CyclicCosine, Schedule
 
 
@@ -43,8 +43,9 @@ class SSKDPhases(pl.Callback):
 
     Args:
         epochs: epochs of every phase in order (the paper's plan: one per student stage, then the
-            head); they must sum to ``trainer.max_epochs``. Default [chosen]: ``max_epochs`` split
-            equally (CIFAR ResNets: 4 × 60 of 240), the first ``max_epochs mod n`` phases one epoch longer.
+            head); they must sum to ``trainer.max_epochs``. Default [chosen]: 10% of ``max_epochs``
+            to the head phase, the rest split equally among the phases before it
+            (:func:`~distill.methods.sskd.default_phase_epochs`; CIFAR ResNets: 72/72/72/24 of 240).
         lr_schedule: ``cosine`` [chosen]: from the base LR to ``min_lr_factor`` × base within every
             phase; ``step``: ×``step_gamma`` at the fractions ``step_milestones`` of every phase.
         min_lr_factor: the cosine's floor, as a fraction of the base LR.
@@ -94,8 +95,7 @@ class SSKDPhases(pl.Callback):
                 raise ValueError(
                     f"trainer.max_epochs={max_epochs} cannot be split among the {phases}: expected at least {n}"
                 )
-            base, extra = divmod(max_epochs, n)
-            return [base + (i < extra) for i in range(n)]
+            return default_phase_epochs(max_epochs, n)
         if len(self.epochs) != n:
             raise ValueError(
                 f"SSKDPhases epochs={self.epochs} has {len(self.epochs)} entries, but the model has {phases}"
