@@ -145,8 +145,8 @@ def fit_args(row: Row, seed: int | None, runs: Path, teacher_ckpt: Path | None, 
     if teacher_ckpt is not None:
         args.append(f"--model.init_args.teacher_weights={teacher_ckpt}")
     epochs = options.teacher_epochs if seed is None else options.epochs
-    if epochs is not None:
-        args.append(f"--trainer.max_epochs={epochs}")
+    if epochs is not None:  # the configs' one cosine cycle follows (PWKD and SSKD replace it anyway)
+        args += [f"--trainer.max_epochs={epochs}", f"--model.init_args.lr_schedule.init_args.cycle_epochs=[{epochs}]"]
     return args + list(row.extra) + list(options.trainer_args)
 
 
@@ -318,7 +318,8 @@ def analyse(rows: list[Row], done: dict[str, dict], seeds: list[int]) -> list[di
             record[f"{key}_mean"] = statistics.fmean(values)
             record[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else None
         for name, other in (("student", "student"), ("kd", "kd"), ("control", row.control)):
-            diff = difference(per_seed, results.get(other)) if other and other != row.name else None
+            skip = other is None or other == row.name or (row.name, other) == ("student", "kd")  # KD's row has it
+            diff = None if skip else difference(per_seed, results.get(other))
             record[f"vs_{name}"] = (
                 None if diff is None else {**asdict(diff), "resolved": diff.resolved, "against": other}
             )
@@ -333,7 +334,7 @@ def format_difference(diff: dict | None) -> str:
     return f"**{text}**" if diff["resolved"] else text
 
 
-def to_markdown(records: list[dict], options, n_test: int = 10000) -> str:
+def to_markdown(records: list[dict], n_test: int) -> str:
     labels = {r["row"]: r["label"] for r in records}
     lines = [
         "| row | n | test top-1 (%) | held-out val, last [best] (%) | Δ vs student | Δ vs KD | Δ vs control |",
@@ -346,7 +347,7 @@ def to_markdown(records: list[dict], options, n_test: int = 10000) -> str:
         per_seed = r["per_seed"].values()
         val = f"{mean_std([s['val_last'] for s in per_seed])} [{statistics.fmean(s['val_best'] for s in per_seed):.2f}]"
         control = r["vs_control"]
-        control_text = f"{format_difference(control)} ({labels[control['against']]})" if control else ""
+        control_text = f"{format_difference(control)} (vs {control['against']})" if control else ""
         lines.append(
             f"| {r['label']} | {r['n']} | {mean_std([s['test_top1'] for s in per_seed])} | {val} | "
             f"{format_difference(r['vs_student'])} | {format_difference(r['vs_kd'])} | {control_text} |"
@@ -457,7 +458,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     records = analyse(rows, done, args.seeds)
-    table = to_markdown(records, args)
+    table = to_markdown(records, sum(len(targets) for _, targets in test_batches(args.data_dir)))
     beta = chosen_beta(records)
     timing = (
         f"Wall time {wall / 60:.1f} min ({args.jobs} fits at a time), CPU time {cpu / 60:.1f} min; "

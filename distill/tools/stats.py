@@ -39,5 +39,6 @@ def paired_difference(a: dict[int, float], b: dict[int, float], level: float = 0
         raise ValueError(f"a paired difference needs at least 2 shared seeds, got {seeds}")
     differences = [a[s] - b[s] for s in seeds]
     mean = statistics.fmean(differences)
-    half = student_t.ppf(0.5 + level / 2, len(seeds) - 1) * statistics.stdev(differences) / math.sqrt(len(seeds))
+    quantile = float(student_t.ppf(0.5 + level / 2, len(seeds) - 1))
+    half = quantile * statistics.stdev(differences) / math.sqrt(len(seeds))
     return PairedDifference(mean, mean - half, mean + half, len(seeds))
