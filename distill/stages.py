@@ -41,18 +41,28 @@ class Stage:
         lr: the stage's own LR policy (see the module docstring).
         epochs: a fixed length (initialisation phases); ``None`` takes an equal share of the epochs the
             fixed stages leave.
+        share: instead of ``epochs``, a fixed fraction of ``trainer.max_epochs`` (rounded, at least one
+            epoch; SSKD's head phase).
         spec: whatever the method needs to enter the stage (a teacher width, an SSKD phase).
     """
 
     name: str
     lr: StageLR = "base"
     epochs: int | None = None
+    share: float | None = None
     spec: Any = None
+
+    def fixed_epochs(self, max_epochs: int | None) -> int | None:
+        """The stage's own length in a run of ``max_epochs``; ``None`` where it shares the rest."""
+        if self.epochs is not None or self.share is None or not max_epochs:
+            return self.epochs
+        return max(1, round(self.share * max_epochs))
 
 
 def stage_epochs(stages: Sequence[Stage], max_epochs: int | None, epochs: Sequence[int] | None = None) -> list[int]:
     """Epochs of every stage: ``epochs`` when given (one per stage, summing to ``max_epochs``), else each
-    fixed stage's own and an equal split of the rest, the first ``rest mod n`` shares one epoch longer.
+    fixed stage's own (its ``epochs`` or ``share``) and an equal split of the rest, the first
+    ``rest mod n`` shares one epoch longer.
 
     A one-stage plan without ``epochs`` covers the whole run, whatever ``max_epochs`` is (``[]``: no
     bound). Raises a ValueError naming the stages, the epochs and ``trainer.max_epochs``.
@@ -71,15 +81,16 @@ def stage_epochs(stages: Sequence[Stage], max_epochs: int | None, epochs: Sequen
         return list(epochs)
     if len(stages) == 1 and stages[0].epochs is None:
         return [max_epochs] if max_epochs is not None and max_epochs > 0 else []
-    fixed = sum(s.epochs for s in stages if s.epochs is not None)
-    shared = [i for i, s in enumerate(stages) if s.epochs is None]
+    own = [s.fixed_epochs(max_epochs) for s in stages]
+    fixed = sum(e for e in own if e is not None)
+    shared = [i for i, e in enumerate(own) if e is None]
     rest = (max_epochs or 0) - fixed
     if max_epochs is None or max_epochs <= 0 or rest < len(shared) or (not shared and rest):
         raise ConfigError(
             f"trainer.max_epochs={max_epochs} cannot be split among the {len(stages)} stages ({names}): expected "
             f"{fixed} epochs for the fixed stages plus at least one for each of the other {len(shared)}"
         )
-    out = [s.epochs for s in stages]
+    out = list(own)
     base, extra = divmod(rest, len(shared)) if shared else (0, 0)
     for rank, i in enumerate(shared):
         out[i] = base + (rank < extra)

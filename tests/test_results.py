@@ -97,6 +97,23 @@ def test_table_cells_are_mean_std_over_seeds_with_best(tmp_path):
     )
 
 
+def test_every_number_says_which_split_it_is_on(tmp_path):
+    write_fake_runs(tmp_path / "a")
+    markdown = results.to_markdown(results.build_table(results.collect(tmp_path / "a")))
+    assert "### cifar100: val top-1 (%), val = test split" in markdown
+    held_out = {**DATA, "init_args": {"batch_size": 64, "val_fraction": 0.1}}
+    write_run(tmp_path / "b/kd", offline_kd([KD]), [(0, 0.5)])
+    write_run(tmp_path / "b/kd_held_out", offline_kd([KD]), [(0, 0.6)], seed=1)
+    config = yaml.safe_load((tmp_path / "b/kd_held_out/config.yaml").read_text())
+    (tmp_path / "b/kd_held_out/config.yaml").write_text(yaml.safe_dump({**config, "data": held_out}))
+    table = results.build_table(results.collect(tmp_path / "b"))
+    markdown = results.to_markdown(table)
+    assert "### cifar100: val top-1 (%)\n" in markdown  # mixed: every cell names its split
+    assert "| 50.00 [50.00] (val = test split) | 60.00 [60.00] (held-out val) |" in markdown
+    lines = list(csv.DictReader(io.StringIO(results.to_csv(table))))
+    assert [line["val_split"] for line in lines] == ["val = test split", "held-out val"]
+
+
 def test_csv_has_one_line_per_cell(tmp_path):
     root = write_fake_runs(tmp_path)
     lines = list(csv.DictReader(io.StringIO(results.to_csv(results.build_table(results.collect(root)), root))))

@@ -157,7 +157,11 @@ def test_step_schedule_drops_within_each_phase_and_restarts():
 
 def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ():
     s, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 8, 8)
-    assert torch.allclose(mimic_loss(s, t), torch.mean((s - torch.nn.functional.avg_pool2d(t, 2)) ** 2))
+    pooled = t.double().reshape(2, 4, 4, 2, 4, 2).mean((3, 5))  # 2x2 average pooling, by hand
+    squared = (s.double() - pooled) ** 2
+    # default: squared distance of the 4-channel feature vectors, averaged over 2·4·4 positions
+    torch.testing.assert_close(mimic_loss(s, t).double(), squared.sum() / 32)
+    torch.testing.assert_close(mimic_loss(s, t, "mean").double(), squared.mean())
     same = SSKD(student="resnet8", teacher="resnet20", **DIGITS)
     assert all(isinstance(a, torch.nn.Identity) for a in same.adapters)
     cross = SSKD(student="ShuffleV1", teacher="resnet32x4", num_classes=100, in_chans=3, image_size=32)
@@ -172,11 +176,12 @@ def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ
 @pytest.mark.parametrize(
     ("pair", "adapters", "epochs"),
     [
-        ("cifar100/pairs/resnet56_resnet20.yaml", 0, [60] * 4),
-        ("cifar100/pairs/resnet32x4_resnet8x4.yaml", 0, [60] * 4),
-        ("cifar100/pairs/vgg13_vgg8.yaml", 0, [40] * 6),
-        ("cifar100/pairs/wrn_40_2_wrn_40_1.yaml", 3, [60] * 4),
-        ("imagenet/pairs/resnet34_resnet18.yaml", 0, [20] * 5),
+        # the head phase 10% of the epochs, the stage phases an equal split of the rest
+        ("cifar100/pairs/resnet56_resnet20.yaml", 0, [72, 72, 72, 24]),
+        ("cifar100/pairs/resnet32x4_resnet8x4.yaml", 0, [72, 72, 72, 24]),
+        ("cifar100/pairs/vgg13_vgg8.yaml", 0, [44, 43, 43, 43, 43, 24]),
+        ("cifar100/pairs/wrn_40_2_wrn_40_1.yaml", 3, [72, 72, 72, 24]),
+        ("imagenet/pairs/resnet34_resnet18.yaml", 0, [23, 23, 22, 22, 10]),
     ],
 )
 def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
@@ -413,3 +418,15 @@ def test_only_the_head_phase_can_be_the_best(tmp_path, digits_teacher, monkeypat
     assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == ["best-epoch005.ckpt"]
     assert "val/teacher_top1_best" in {k for r in rows for k in r}  # the teacher's measurement still counts
     assert load_run(run).best == pytest.approx(100 * top1[5])  # the results table's [best] too
+
+
+def test_default_phase_epochs_give_the_head_a_tenth_and_the_stages_the_rest():
+    def split(plan: str, max_epochs: int) -> list[int]:
+        return stage_epochs(SSKD(student="resnet8", teacher="resnet20", plan=plan, **DIGITS).stages(), max_epochs)
+
+    assert split("stage_by_stage", 60) == [18, 18, 18, 6]
+    assert split("stage_by_stage", 4) == [1, 1, 1, 1]  # the head gets at least one epoch
+    assert split("stage_by_stage", 5) == [2, 1, 1, 1]
+    assert split("joint_mimic", 30) == [27, 3]  # all stages, then the head
+    assert split("joint_ce", 7) == [7]  # one phase
+    assert stage_epochs(SSKD(student="resnet8", teacher="resnet20", **DIGITS).stages(), 8, [2, 2, 2, 2]) == [2] * 4

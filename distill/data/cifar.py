@@ -1,7 +1,10 @@
 """CIFAR-100 from the official python-format files.
 
-Protocol (CRD benchmark, METHODS.md §1): train = random crop 32 with zero padding 4 + horizontal
-flip + normalisation; test = normalisation only; the test split is also the validation split.
+Protocol (CRD benchmark): train = random crop 32 with zero padding 4 + horizontal flip +
+normalisation; test = normalisation only; the test split is also the validation split. Options
+outside the protocol: ``val_fraction`` holds a validation split out of the training split and
+``train_fraction`` keeps a stratified share of the rest (low-data distillation;
+:mod:`distill.data.splits`).
 
 Either pipeline of :mod:`distill.data.tensor` (``pipeline`` argument) applies the same protocol.
 """
@@ -85,6 +88,10 @@ class CIFAR100DataModule(UInt8ImageDataModule):
         pipeline: ``"torchvision"`` (per-sample, in workers) or ``"device"`` (per batch, on the device).
         download: fetch and extract the official archive through torchvision when the files are missing.
         verify_md5: check the three files against the official MD5s before reading them.
+        train_fraction: stratified share of the training images (after the validation hold-out) kept.
+        val_fraction: stratified share of the training split held out for validation; 0 (the
+            protocol) validates on the test split.
+        split_seed: seed of both draws, independent of ``seed``: every run of a study sees the same images.
     """
 
     num_classes = 100
@@ -103,8 +110,13 @@ class CIFAR100DataModule(UInt8ImageDataModule):
         pipeline: Pipeline = "torchvision",
         download: bool = False,
         verify_md5: bool = True,
+        train_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
     ):
-        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed, pipeline)
+        super().__init__(
+            data_dir, batch_size, num_workers, pin_memory, seed, pipeline, train_fraction, val_fraction, split_seed
+        )
         self.download = download
         self.verify_md5 = verify_md5
         self.classes: list[str] | None = None

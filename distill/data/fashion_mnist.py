@@ -4,7 +4,9 @@ Read from the four original IDX files, gzipped or not, in either layout: a plain
 Fashion-MNIST repository ships them and Debian's ``dataset-fashion-mnist`` installs them, in
 ``/usr/share/datasets/fashion-mnist``) or torchvision's ``data_dir/FashionMNIST/raw/``.
 
-Project choices: the test split is also the validation split; training augmentation is a random crop
+Project choices: the test split is also the validation split unless ``val_fraction`` holds one out
+of the training split (stratified, fixed by ``split_seed``; ``train_fraction`` keeps a stratified
+share of the rest: :mod:`distill.data.splits`); training augmentation is a random crop
 28 with zero padding 2 plus a horizontal flip (a mirrored garment keeps its class, unlike a digit;
 ``flip`` turns it off); normalisation mean 0.2860, std 0.3530 (the training set's). No MD5 check:
 Debian's files are recompressed and differ from torchvision's MD5s; the magic numbers, the sizes
@@ -66,6 +68,10 @@ class FashionMNISTDataModule(UInt8ImageDataModule):
         pad: zero padding of the training random crop (project choice).
         flip: random horizontal flip in training (project choice).
         download: fetch the files through torchvision into ``data_dir/FashionMNIST/raw`` when missing.
+        train_fraction: stratified share of the training images (after the validation hold-out) kept.
+        val_fraction: stratified share of the training split held out for validation; 0 validates on
+            the test split.
+        split_seed: seed of both draws, independent of ``seed``: every run of a study sees the same images.
     """
 
     num_classes = 10
@@ -84,8 +90,13 @@ class FashionMNISTDataModule(UInt8ImageDataModule):
         pad: int = 2,
         flip: bool = True,
         download: bool = False,
+        train_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
     ):
-        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed, pipeline)
+        super().__init__(
+            data_dir, batch_size, num_workers, pin_memory, seed, pipeline, train_fraction, val_fraction, split_seed
+        )
         checks.non_negative_int("FashionMNISTDataModule", "pad", pad)
         self.pad, self.flip, self.download = pad, flip, download
 

@@ -7,7 +7,8 @@
   ``(seed, global_step, rank)``, so a resumed run draws the same crops as an uninterrupted one
   (project choice) and DDP ranks draw independently.
 
-Used by CIFAR-100 and Fashion-MNIST.
+Used by CIFAR-100 and Fashion-MNIST, which both take ``train_fraction``, ``val_fraction`` and
+``split_seed`` (stratified, fixed subsets: :mod:`distill.data.splits`).
 """
 
 from __future__ import annotations
@@ -88,9 +89,18 @@ class UInt8ImageDataModule(ClassificationDataModule):
     flip: bool
 
     def __init__(
-        self, data_dir: str, batch_size: int, num_workers: int, pin_memory: bool, seed: int, pipeline: Pipeline
+        self,
+        data_dir: str,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        seed: int,
+        pipeline: Pipeline,
+        train_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
     ):
-        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed)
+        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed, train_fraction, val_fraction, split_seed)
         checks.choice(type(self).__name__, "pipeline", pipeline, ("torchvision", "device"))
         self.pipeline = pipeline
 
@@ -102,12 +112,18 @@ class UInt8ImageDataModule(ClassificationDataModule):
         if self.train_set is not None:
             return
         (train_x, train_y), (test_x, test_y) = self.read_splits()
+        train, val = self.split_training(train_y)
+        self.test_set = self.dataset(test_x, test_y, train=False)
+        self.val_set = self.dataset(train_x[val], train_y[val], train=False) if len(val) else self.test_set
+        if len(train) < len(train_y):  # indexing copies: skipped for the whole split
+            train_x, train_y = train_x[train], train_y[train]
+        self.train_set = self.dataset(train_x, train_y, train=True)
+
+    def dataset(self, images: torch.Tensor, targets: torch.Tensor, train: bool) -> UInt8Images:
+        """The pipeline's dataset of one split: whole uint8 batches (``device``) or transformed samples."""
         if self.pipeline == "device":
-            self.train_set, test_set = UInt8Batches(train_x, train_y), UInt8Batches(test_x, test_y)
-        else:
-            self.train_set = UInt8Images(train_x, train_y, self.transform(train=True))
-            test_set = UInt8Images(test_x, test_y, self.transform(train=False))
-        self.val_set = self.test_set = test_set
+            return UInt8Batches(images, targets)
+        return UInt8Images(images, targets, self.transform(train))
 
     def transform(self, train: bool) -> v2.Compose:
         """The per-sample torchvision pipeline: zero-padded random crop and flip when training, then normalise."""

@@ -234,7 +234,10 @@ class KR(OfflineKD):
     """Offline KD (CE + the ``terms``, e.g. KD on logits) plus KR's sparse prior penalty β·R.
 
     Args (all [chosen], METHODS.md §6; the others as :class:`~distill.methods.kd.OfflineKD`):
-        beta: weight β of the prior penalty R.
+        beta: the pull β of the prior on every masked weight: β·R adds β·(W_S − W_D) to its gradient,
+            whatever the size of its layer, as weight decay λ adds λ·W_S (so β = λ pulls toward the
+            prior as hard as weight decay pulls toward 0). Default from the Fashion-MNIST study's sweep
+            (README, results), chosen on its held-out validation split.
         rho: fraction ρ of each layer's entries kept by the sparse recoding mask (1 = dense).
         level: ``layer`` (one teacher conv per student conv) or ``stage`` (the mean over the stage's
             blocks at the same block position).

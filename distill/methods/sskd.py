@@ -2,7 +2,7 @@
 distillation").
 
 Training is decomposed into phases [paper]: in backbone phase k the student's stage k learns,
-without labels, to reproduce the frozen teacher's stage-k output (raw MSE, no attention or Gram
+without labels, to reproduce the frozen teacher's stage-k output (raw squared error, no attention or Gram
 transform) on inputs from the student's own earlier stages; then the backbone is fixed and only the
 task head learns from the labels, so no weight balances a task loss against a distillation loss.
 Each phase is a stage of the run's :class:`~distill.callbacks.stages.StagePlan` (``--stages.*``),
@@ -15,6 +15,11 @@ The project's readings of METHODS.md §4 [chosen], each an argument below:
   teacher must have the same number of stages (stage k mimics stage k).
 - A 1x1 conv + BN adapter maps the student's stage k to the teacher's channels only where they
   differ; where spatial sizes differ the larger map is average-pooled to the smaller one.
+- The squared error is summed over channels and averaged over positions and the batch (the squared
+  distance of feature vectors, :func:`mimic_loss`): the element-wise mean gives gradients C times
+  smaller, with which no stage got near its target in a phase and the head phase then fitted a
+  linear classifier to small, poor features (the efficacy study, README: SSKD ended 13 points
+  below the student from scratch on the digits).
 - The head phase trains the head: the layers between the last stage and the pooling where a
   network has them (WRN's final BN; ShuffleV2's and MobileNetV2's 1x1 conv + BN: no other phase
   trains them) and the classifier. ``head_trains="classifier"`` is the literal "only the
@@ -48,6 +53,8 @@ from .teacher import TeacherMixin, build_teacher
 
 PLANS = ("stage_by_stage", "joint_mimic", "joint_ce")
 HEAD_TRAINS = ("classifier", "head", "last_stage_and_head")
+MIMIC_REDUCTIONS = ("channel_sum", "mean")
+HEAD_SHARE = 0.1  # [chosen] share of the epochs that goes to the head phase by default
 
 
 @dataclass(frozen=True)
@@ -101,15 +108,28 @@ def make_adapter(student_channels: int, teacher_channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels))
 
 
-def mimic_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-    """Raw MSE between stage outputs, in fp32; the larger map is average-pooled to the smaller size."""
+def mimic_loss(
+    student_feature: torch.Tensor, teacher_feature: torch.Tensor, reduction: str = "channel_sum"
+) -> torch.Tensor:
+    """Raw squared error between stage outputs, in fp32; the larger map is average-pooled to the smaller size.
+
+    ``reduction="channel_sum"`` [chosen, default]: the squared distance between the two feature
+    vectors at a position, ‖s − t‖² summed over channels, averaged over positions and the batch. Each
+    feature element then gets the gradient 2(s − t)/(H·W), the scale at which cross-entropy reaches
+    it through global average pooling, so the base LR that trains a network on labels also trains a
+    stage to mimic. ``"mean"``: the element-wise mean (``F.mse_loss``), whose gradients are C times
+    smaller: with it a stage stops far from its target within a phase (see the README's SSKD
+    diagnosis).
+    """
     s, t = student_feature.float(), teacher_feature.float()
     size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
     if s.shape[-2:] != size:
         s = F.adaptive_avg_pool2d(s, size)
     if t.shape[-2:] != size:
         t = F.adaptive_avg_pool2d(t, size)
-    return F.mse_loss(s, t)
+    if reduction == "mean":
+        return F.mse_loss(s, t)
+    return (s - t).square().sum(1).mean()
 
 
 class SSKD(TeacherMixin, DistillModule):
@@ -125,8 +145,11 @@ class SSKD(TeacherMixin, DistillModule):
             ``classifier``, ``head`` or ``last_stage_and_head``.
         freeze_earlier_stages: in backbone phase k, keep stages < k frozen (the paper; ``False`` is
             the option of METHODS.md §4: they learn from stage k's mimic loss too).
-        mimic_weight: weight of every mimic loss; 1 is the paper's raw MSE. Only the ``joint_ce``
+        mimic_weight: weight of every mimic loss (1: the raw squared error). Only the ``joint_ce``
             ablation needs another value, where it balances the cross-entropy.
+        mimic_reduction: ``channel_sum`` [chosen]: squared feature distance per position (summed over
+            channels), averaged over positions and batch; ``mean``: the element-wise mean (C times
+            weaker gradients; the project's reading before the efficacy study). See :func:`mimic_loss`.
         student_kwargs: extra constructor arguments of the student.
         teacher_kwargs: extra constructor arguments of the teacher.
     """
@@ -142,6 +165,7 @@ class SSKD(TeacherMixin, DistillModule):
         head_trains: Literal["classifier", "head", "last_stage_and_head"] = "head",
         freeze_earlier_stages: bool = True,
         mimic_weight: float = 1.0,
+        mimic_reduction: Literal["channel_sum", "mean"] = "channel_sum",
         student_kwargs: dict | None = None,
         teacher_kwargs: dict | None = None,
         **kwargs,
@@ -150,8 +174,9 @@ class SSKD(TeacherMixin, DistillModule):
         self.save_hyperparameters()
         checks.choice("SSKD", "plan", plan, PLANS)
         checks.choice("SSKD", "head_trains", head_trains, HEAD_TRAINS)
+        checks.choice("SSKD", "mimic_reduction", mimic_reduction, MIMIC_REDUCTIONS)
         checks.non_negative("SSKD", "mimic_weight", mimic_weight)
-        self.mimic_weight = mimic_weight
+        self.mimic_weight, self.mimic_reduction = mimic_weight, mimic_reduction
         self.student = create_model(
             student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {})
         )
@@ -170,8 +195,17 @@ class SSKD(TeacherMixin, DistillModule):
     # ---- phases (the stages of the StagePlan callback) ----------------------------------------
     def stages(self) -> list[Stage]:
         """One stage per phase, each with its own cosine cycle ([chosen]; ``--stages.lr step`` is the
-        step-schedule ablation)."""
-        return [Stage(p.name, lr="cyclic", spec=p) for p in self.phases]
+        step-schedule ablation). [chosen] Unless ``--stages.epochs`` says otherwise, the head phase (the
+        last of two or more) gets ``HEAD_SHARE`` of the epochs, at least one, and the phases before it
+        an equal split of the rest (CIFAR ResNets: 72/72/72/24 of 240). Why not an equal split: the
+        head phase fits a linear classifier to frozen features, which takes a few epochs, while a
+        stage's mimic loss is still falling at the end of an equal share; on the digits the equal
+        split left SSKD below the student from scratch (README: the efficacy study)."""
+        last = len(self.phases) - 1
+        share = HEAD_SHARE if last else None
+        return [
+            Stage(p.name, lr="cyclic", share=share if i == last else None, spec=p) for i, p in enumerate(self.phases)
+        ]
 
     def phase_names(self) -> str:
         return ", ".join(p.name for p in self.phases)
@@ -279,13 +313,14 @@ class SSKD(TeacherMixin, DistillModule):
         return stages, x if phase.last == len(parts) - 1 else None
 
     def mimic_losses(self, images: torch.Tensor, stages: list[torch.Tensor], phase: Phase) -> dict[str, torch.Tensor]:
-        """``mimic_stage<k>`` (1-based) for every mimicked stage: MSE(A_k(f_s^k), f_t^k), weighted."""
+        """``mimic_stage<k>`` (1-based) for every mimicked stage: squared error of A_k(f_s^k) and f_t^k, weighted."""
         if not phase.mimic:
             return {}
         with torch.no_grad():
             teacher = self.teacher.forward_stages(images, upto=max(phase.mimic) + 1)
         return {
-            f"mimic_stage{k + 1}": self.mimic_weight * mimic_loss(self.adapters[k](stages[k]), teacher[k])
+            f"mimic_stage{k + 1}": self.mimic_weight
+            * mimic_loss(self.adapters[k](stages[k]), teacher[k], self.mimic_reduction)
             for k in phase.mimic
         }
 

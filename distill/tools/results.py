@@ -16,6 +16,11 @@ newer) counts. Runs whose configs differ in anything but the seed, paths and wor
 epochs and the stage plan ``stages``) are told apart by a label such as ``sskd (plan=joint)``.
 ``--out`` also writes ``results.csv`` (one line per cell) and the plots of
 :mod:`distill.tools.plots`.
+
+Every number says which split it is on: a run whose data holds a validation split out of the
+training split (``val_fraction > 0``) validates on ``held-out val``; any other on the test split
+(``val = test split``, the KD literature's CIFAR/ImageNet protocol, where the best epoch is chosen on
+the test set). A dataset's table names its split in the heading, or every cell its own where they mix.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from ..methods.card import class_name as card_class_name
 from ..methods.card import method_class
 from .plots import save_plots
 from .runs import find_runs, read_config, read_metrics, read_summary, series
-from .table import Cell, Run, Table, row_label
+from .table import HELD_OUT, TEST_SPLIT, Cell, Run, Table, row_label
 
 FIRST_COLUMNS = ("teacher", "slimmable teacher", "student", "kd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dkd")
 IGNORED_KEYS = ("teacher_weights", "weights", "init_weights", "data_dir", "num_workers", "verify_md5", "download")
@@ -69,6 +74,12 @@ def settings(config: dict) -> dict[str, str]:
     return {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in IGNORED_KEYS}
 
 
+def validation_split(data: dict) -> str:
+    """``HELD_OUT`` when the data config holds a validation split out of the training split, else ``TEST_SPLIT``."""
+    fraction = (data.get("init_args") or {}).get("val_fraction") or 0
+    return HELD_OUT if float(fraction) > 0 else TEST_SPLIT
+
+
 def load_run(path: Path) -> Run | None:
     """The :class:`Run` of a run directory; ``None`` (with a warning) when it has no ``val/top1`` yet."""
     config = read_config(path)
@@ -97,6 +108,7 @@ def load_run(path: Path) -> Run | None:
         epochs=len(top1),
         max_epochs=(config.get("trainer") or {}).get("max_epochs"),
         seconds=read_summary(path).get("run_time_s"),
+        val_split=validation_split(config["data"]),
         settings=settings(config),
         metrics=metrics,
     )
@@ -188,14 +200,28 @@ def format_time(cell: Cell | None) -> str:
     return f"{text} ×{cell.n}"
 
 
+def dataset_splits(table: Table, dataset: str) -> set[str]:
+    """The validation splits of a dataset's cells (one where every run validated on the same split)."""
+    return {cell.val_splits for (row, _), cell in table.cells.items() if row[0] == dataset}
+
+
 def to_markdown(table: Table) -> str:
     lines = [
         "Val top-1 (%): last epoch, mean ± sample std over seeds [mean of the best epoch]; "
-        "* counts unfinished runs. Run time: mean per run × runs.",
+        "* counts unfinished runs. Run time: mean per run × runs. "
+        f"'{HELD_OUT}': validated on images held out of the training split; "
+        f"'{TEST_SPLIT}': validated (and the best epoch chosen) on the test split.",
     ]
     for dataset, columns in table.columns.items():
         rows = [r for r in table.rows if r[0] == dataset]
-        for title, fmt in ((f"{dataset}: val top-1 (%)", format_accuracy), (f"{dataset}: run time", format_time)):
+        splits = dataset_splits(table, dataset)
+
+        def accuracy(cell: Cell | None, mixed: bool = len(splits) > 1) -> str:
+            text = format_accuracy(cell)
+            return f"{text} ({cell.val_splits})" if cell is not None and mixed else text
+
+        heading = f"{dataset}: val top-1 (%)" + (f", {next(iter(splits))}" if len(splits) == 1 else "")
+        for title, fmt in ((heading, accuracy), (f"{dataset}: run time", format_time)):
             lines += ["", f"### {title}", "", "| teacher → student | " + " | ".join(columns) + " |"]
             lines.append("|---" * (len(columns) + 1) + "|")
             for row in rows:
@@ -217,6 +243,7 @@ CSV_FIELDS = (
     "best_mean",
     "best_std",
     "seconds_mean",
+    "val_split",
     "unfinished",
     "runs",
 )
@@ -249,6 +276,7 @@ def to_csv(table: Table, root: str | Path | None = None) -> str:
                     "best_mean": num(cell.mean("best")),
                     "best_std": num(cell.std("best")),
                     "seconds_mean": num(cell.mean("seconds")),
+                    "val_split": cell.val_splits,
                     "unfinished": cell.unfinished,
                     "runs": ";".join(str(r.path.relative_to(root) if root else r.path) for r in cell.runs),
                 }

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from ..methods.card import RunCard
 
+HELD_OUT, TEST_SPLIT = "held-out val", "val = test split"  # what a run's val/top1 was measured on
+
 
 @dataclass
 class Run:
@@ -22,6 +24,7 @@ class Run:
     epochs: int
     max_epochs: int | None
     seconds: float | None
+    val_split: str = TEST_SPLIT  # HELD_OUT or TEST_SPLIT
     settings: dict = field(default_factory=dict)  # flattened config used to tell variants apart
     variant: str = ""  # " (key=value, ...)" where runs of one experiment differ in settings
     metrics: list = field(default_factory=list, repr=False)
@@ -63,6 +66,10 @@ class Cell:
     @property
     def unfinished(self) -> int:
         return sum(not r.finished for r in self.runs)
+
+    @property
+    def val_splits(self) -> str:
+        return " + ".join(sorted({r.val_split for r in self.runs}))
 
 
 Row = tuple  # (dataset, teacher or None, student); teacher-less runs with no pair get a row of their own
