@@ -10,11 +10,13 @@ from helpers import CONFIGS, FAST
 from torch import nn
 
 from distill.callbacks import StagePlan
-from distill.cli import main
+from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
-from distill.losses import DistillTerm, KDTerm
+from distill.errors import ConfigError
+from distill.losses import ABTerm, ConvRegressor, DistillTerm, FSPTerm, FTTerm, KDTerm, ab_loss
 from distill.methods import OfflineKD
 from distill.models import create_model
+from distill.stages import stage_epochs
 
 DIGITS = dict(num_classes=10, in_chans=1, image_size=16)
 LR = 0.05
@@ -167,3 +169,63 @@ def test_init_phase_resumed_mid_phase_equals_uninterrupted(in_tmp):
     assert straight["callbacks"]["StagePlan"]["stages"] == ["hint init", "main"]
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+# ---- the CRD benchmark's three initialisation methods ------------------------------------------------
+def test_ab_trains_the_student_backbone_on_preacts_then_leaves_ce_alone():
+    module, record = fit(ABTerm(init_epochs=1), epochs=2)
+    init = changed(record.states[0], record.states[1])
+    assert prefixes(init) == {"student.conv1", "student.bn1", "student.layer1", "student.layer2", "student.layer3"}
+    assert record.losses[0] == ["ab_init"] and record.losses[-1] == ["ce", "kd"]
+    assert len(module.terms[0].connectors) == 3 and all(isinstance(c, nn.Identity) for c in module.terms[0].connectors)
+
+
+def test_ab_init_loss_is_the_weighted_ab_loss_of_the_connected_preacts():
+    torch.manual_seed(0)
+    module = OfflineKD(student="resnet8x4", teacher="resnet20", terms=[ABTerm()], **DIGITS)  # 64/128/256 vs 16/32/64
+    term = module.terms[0]
+    assert all(isinstance(c, ConvRegressor) and isinstance(c.relu, nn.Identity) for c in term.connectors)
+    images = torch.randn(4, 1, 16, 16)
+    s, t = module.student(images, features=True), module.teacher(images, features=True)
+    expected = 3e-3 * ab_loss([c(p) for c, p in zip(term.connectors, s.preacts)], t.preacts, margin=1.0)
+    assert term.init_loss(s, t).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_ft_trains_the_paraphraser_first_then_the_translator_and_student_with_it_fixed():
+    module, record = fit(FTTerm(init_epochs=1), epochs=2)
+    init = changed(record.states[0], record.states[1])
+    assert init and all(k.startswith("terms.0.paraphraser.") for k in init)
+    main = changed(record.states[1], record.states[2])
+    assert not any(k.startswith("terms.0.paraphraser.") for k in main)
+    assert any(k.startswith("terms.0.translator.") for k in main) and any(k.startswith("student.fc") for k in main)
+    assert record.losses[0] == ["ft_init"] and record.losses[-1] == ["ce", "ft", "kd"]
+
+
+def test_ft_init_loss_is_the_paraphrasers_reconstruction_error():
+    torch.manual_seed(0)
+    module = OfflineKD(student="resnet8", teacher="resnet20", terms=[FTTerm()], **DIGITS)
+    t = module.teacher(torch.randn(4, 1, 16, 16), features=True)
+    _, reconstruction = module.terms[0].paraphraser(t.stages[-1])
+    expected = ((reconstruction.double() - t.stages[-1].double()) ** 2).mean()
+    assert module.terms[0].init_loss(None, t).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_fsp_trains_the_student_backbone_then_leaves_ce_alone_and_refuses_unequal_widths():
+    module, record = fit(FSPTerm(init_epochs=1), epochs=2)
+    init = changed(record.states[0], record.states[1])
+    assert init and not any(k.startswith("student.fc") for k in init)
+    assert record.losses[0] == ["fsp_init"] and record.losses[-1] == ["ce", "kd"]
+    with pytest.raises(ConfigError, match=r"FSPTerm needs student and teacher stages of equal channel counts"):
+        OfflineKD(student="resnet8x4", teacher="resnet20", terms=[FSPTerm()], **DIGITS)
+
+
+@pytest.mark.parametrize("method", ["ab", "ft", "fsp"])
+def test_init_method_configs_give_30_epochs_then_the_pairs_240(method):
+    pair = CONFIGS / "cifar100/pairs/resnet32x4_resnet8x4.yaml"
+    cli = build_cli(
+        ["--config", str(pair), "--config", str(CONFIGS / f"methods/{method}.yaml")]
+        + ["--model.init_args.teacher_weights=null"],
+        run=False,
+    )
+    assert cli.trainer.max_epochs == 270
+    assert stage_epochs(cli.model.stages(), cli.trainer.max_epochs) == [30, 240]

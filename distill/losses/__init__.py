@@ -1,16 +1,17 @@
 """Distillation losses: one file per method, each holding its pure loss function(s) of tensors and the
 :class:`DistillTerm` the offline KD engine combines (configs name terms as ``distill.losses.<Name>Term``).
-AB, FT and FSP have no term yet: their pure pieces serve an initialisation phase."""
+AB, FT and FSP have initialisation phases (``DistillTerm.init_epochs``), which the offline engine runs as
+stages of their own before the main training."""
 
-from .ab import ab_loss
+from .ab import ABTerm, ab_loss
 from .at import ATTerm, at_loss, at_loss_stages, attention_map
 from .cc import CCTerm, cc_loss
 from .crd import ContrastMemory, CRDTerm, Embed, contrast_logits, crd_loss, nce_loss
 from .dist import DISTTerm, dist_loss
 from .dkd import DKDTerm, dkd_loss
 from .fitnet import ConvRegressor, FitNetTerm, fitnet_loss
-from .fsp import fsp_loss, fsp_matrix
-from .ft import Paraphraser, Translator, ft_loss
+from .fsp import FSPTerm, fsp_loss, fsp_matrix
+from .ft import FTTerm, Paraphraser, Translator, ft_loss
 from .kd import KDTerm, kd_loss, standardize_logits
 from .kdsvd import KDSVDTerm, kdsvd_loss
 from .nst import NSTTerm, nst_loss
@@ -24,6 +25,7 @@ from .vid import VIDRegressor, VIDTerm, vid_loss
 
 __all__ = [
     "ABF",
+    "ABTerm",
     "ATTerm",
     "CCTerm",
     "CRDTerm",
@@ -33,6 +35,8 @@ __all__ = [
     "DKDTerm",
     "DistillTerm",
     "Embed",
+    "FSPTerm",
+    "FTTerm",
     "FitNetTerm",
     "KDSVDTerm",
     "KDTerm",

@@ -44,6 +44,17 @@ def reset_teacher_memory(memory: ContrastMemory, stage: int) -> None:
     memory.reset_teacher(memory.seed + stage)
 
 
+def connector_paths(term: nn.Module) -> list[str]:
+    """The term's connectors, as paths: its children, and the elements of a child ModuleList."""
+    paths = []
+    for name, child in term.named_children():
+        if isinstance(child, nn.ModuleList):
+            paths += [f"{name}.{index}" for index in range(len(child))]
+        else:
+            paths.append(name)
+    return paths
+
+
 class PWKD(OfflineKD):
     """Partial-to-whole distillation: the student learns from a slimmable teacher stage by stage.
 
@@ -193,26 +204,30 @@ class PWKD(OfflineKD):
         return self.connectors == "fresh"
 
     def _follow_teacher_width(self, term: nn.Module, widths: Sequence[float]) -> None:
-        """Replace each connector of ``term`` that the term sizes differently for a narrower teacher."""
+        """Replace each connector of ``term`` that the term sizes differently for a narrower teacher (the
+        elements of a ModuleList of connectors one by one: VID, OFD, ReviewKD, AB)."""
         narrower = sorted(set(self.teacher_widths) - {1.0})
         with torch.random.fork_rng(devices=[]):  # the templates leave the RNG untouched
             templates = {w: self._built_for(term, w) for w in narrower}
-        for name, whole in list(term.named_children()):
+        for path in connector_paths(term):
+            whole = term.get_submodule(path)
             shape = tensor_shapes(whole)
-            changed = [w for w in narrower if tensor_shapes(getattr(templates[w], name)) != shape]
+            changed = [w for w in narrower if tensor_shapes(templates[w].get_submodule(path)) != shape]
             if not changed:
                 continue
             if self.connectors == "sliced":
-                narrow = {w: getattr(templates[w], name) for w in changed}
+                narrow = {w: templates[w].get_submodule(path) for w in changed}
                 for w, module in narrow.items():
                     if not fits_inside(tensor_shapes(module), shape):
                         raise ConfigError(
-                            f"the {term.name} connector {name!r} changes structure at teacher width {w}; "
+                            f"the {term.name} connector {path!r} changes structure at teacher width {w}; "
                             "it cannot be sliced (set connectors: fresh)"
                         )
-                setattr(term, name, SlicedConnector(whole, narrow))
+                replacement = SlicedConnector(whole, narrow)
             else:
-                setattr(term, name, PerStageConnector([getattr(self._built_for(term, w), name) for w in widths]))
+                replacement = PerStageConnector([self._built_for(term, w).get_submodule(path) for w in widths])
+            parent, _, name = path.rpartition(".")
+            setattr(term.get_submodule(parent) if parent else term, name, replacement)
 
     def _built_for(self, term: nn.Module, width: float) -> nn.Module:
         """A copy of ``term`` built (as OfflineKD.build_terms does) against the teacher at ``width``."""

@@ -34,7 +34,7 @@ from ..errors import ConfigError
 from ..losses.kd import kd_loss
 from ..losses.term import DistillTerm
 from ..models import StagedNet, StagedOutput, create_model, read_state_dict
-from ..models.staged import dry_run, evaluating
+from ..models.staged import dry_run, evaluating, preact_bn_of, require_outputs
 from ..models.weights import WeightLoadError, file_sha256, load_checkpoint
 from .base import MAIN
 from .card import Network
@@ -92,6 +92,13 @@ class KnowledgeBridge(nn.Module):
     def __init__(self, net: StagedNet, first_stage: int):
         super().__init__()
         bridged = [*list(net.stages)[first_stage:], net.head]
+        names = {id(module): name for name, module in net.named_modules()}
+        # the BatchNorms behind the bridged stages' pre-activations, by name (looked up at every call)
+        self.preact_norm_names = (
+            [None if bn is None else names[id(bn)] for bn in net.preact_norms()[first_stage:]]
+            if net.defines_preacts
+            else []
+        )
         keep = set().union(*(_tensor_ids(part) for part in bridged))
         _prune_to(net, keep)
         if _tensor_ids(net) != keep:
@@ -100,24 +107,49 @@ class KnowledgeBridge(nn.Module):
             )
         self.net, self.first_stage = net, first_stage
 
+    @property
+    def gives_preacts(self) -> bool:
+        """Whether the bridged stages' pre-activations can be computed stage by stage: not for an
+        architecture with its own pre-activation pass (WRN's live in the next stage's first BatchNorm)."""
+        return self.net.defines_preacts and type(self.net).forward_preacts is StagedNet.forward_preacts
+
     def forward(self, x: torch.Tensor) -> StagedOutput:
-        outputs = []
-        for stage in list(self.net.stages)[self.first_stage :]:
-            x = stage(x)
+        """The bridged stages and the head; their pre-activations too where ``net`` keeps them."""
+        outputs, preacts = [], []
+        keep = self.net.preacts_kept
+        for index in range(self.first_stage, len(self.net.stages)):
+            if keep:
+                x, pre = self.net.stage_preact(index, x)
+                preacts.append(pre)
+            else:
+                x = self.net.stages[index](x)
             outputs.append(x)
         head = self.net.head
         feature, embedding = head.features(x)
-        return StagedOutput(head.classifier(embedding), tuple(outputs), feature, embedding)
+        logits = head.classifier(embedding)
+        if not keep:
+            return StagedOutput(logits, tuple(outputs), feature, embedding)
+        norms = tuple(
+            None if name is None else preact_bn_of(self.net.get_submodule(name)) for name in self.preact_norm_names
+        )
+        return StagedOutput(logits, tuple(outputs), feature, embedding, tuple(preacts), norms)
 
 
 def feature_target(teacher: StagedOutput, kbm: StagedOutput, first_stage: int) -> StagedOutput:
     """[chosen] The feature extension's target: the teacher's stages before the bridge, then the
     KBM's stages, pre-pool feature, embedding and logits, all detached (the KBM acts as the teacher)."""
+    preacts = preact_bn = None
+    if teacher.preacts is not None and kbm.preacts is not None:  # OFD, ReviewKD
+        preacts = tuple(teacher.preacts[:first_stage]) + tuple(x.detach() for x in kbm.preacts)
+        bridged = tuple(None if bn is None else (bn[0].detach(), bn[1].detach()) for bn in kbm.preact_bn)
+        preact_bn = tuple(teacher.preact_bn[:first_stage]) + bridged
     return StagedOutput(
         kbm.logits.detach(),
         tuple(teacher.stages[:first_stage]) + tuple(x.detach() for x in kbm.stages),
         kbm.feature.detach(),
         kbm.embedding.detach(),
+        preacts,
+        preact_bn,
     )
 
 
@@ -254,6 +286,28 @@ class SOKD(OfflineKD):
         """Size the terms' connectors from a dry run (eval mode, batch of 2) against the KBM target."""
         if not len(self.terms):
             return
+        for name, term in zip(self.term_names, self.terms):
+            if term.init_epochs:
+                raise ConfigError(
+                    f"SOKD terms: {name!r} ({type(term).__name__}) has an initialisation phase, which SOKD does not "
+                    "run (its feature target, the KBM, trains with the student from the first step); use the term "
+                    "with OfflineKD, PWKD or KR"
+                )
+            for role, net, fields in (
+                ("teacher", self.teacher, term.reads_teacher),
+                ("student", self.student, term.student_fields),
+            ):
+                require_outputs(type(term).__name__, fields, **{role: net})
+                if "preacts" in fields:
+                    net.keep_preacts()
+                    if role == "teacher":
+                        if not self.kbm.gives_preacts:
+                            raise ConfigError(
+                                f"SOKD terms: {name!r} ({type(term).__name__}) reads pre-activations, which the "
+                                f"KBM of a {type(self.kbm.net).__name__} teacher cannot give stage by stage; use a "
+                                "term without pre-activations or a ResNet-style teacher"
+                            )
+                        self.kbm.net.keep_preacts()
         s = dry_run(self.student, self.in_chans, self.image_size)
         t = dry_run(self.teacher, self.in_chans, self.image_size)
         with evaluating(self.kbm):

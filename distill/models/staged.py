@@ -34,6 +34,12 @@ class StagedOutput(NamedTuple):
     preact_bn: tuple[tuple[torch.Tensor, torch.Tensor] | None, ...] | None = None
 
 
+def preact_bn_of(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a pre-activation's BatchNorm (a slimmable BatchNorm's at its active width)."""
+    bn = bn.active() if hasattr(bn, "active") else bn
+    return bn.weight, bn.bias
+
+
 class Chain(nn.Sequential):
     """An unregistered view that runs existing modules in order (parameters are shared)."""
 
@@ -129,8 +135,7 @@ class StagedNet(nn.Module):
     def preact_bn_params(self) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, ...]:
         """:attr:`StagedOutput.preact_bn`: (weight, bias) of every :meth:`preact_norms` entry (a slimmable
         BatchNorm's at its active width)."""
-        norms = [getattr(bn, "active", lambda bn=bn: bn)() if bn is not None else None for bn in self.preact_norms()]
-        return tuple(None if bn is None else (bn.weight, bn.bias) for bn in norms)
+        return tuple(None if bn is None else preact_bn_of(bn) for bn in self.preact_norms())
 
     def forward_preacts(self, x: torch.Tensor) -> StagedOutput:
         """``forward(x, features=True)`` with the pre-activations of every stage."""
