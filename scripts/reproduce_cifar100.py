@@ -69,11 +69,10 @@ SBATCH = Path(__file__).resolve().with_suffix(".sbatch")
 ANCHOR_METHODS = ["kd", "fitnet", "at", "crd", "dkd"]  # the anchor table's columns (METHODS.md §1)
 # The benchmarks' other rows that need no initialisation phase; `--methods all` runs them too.
 MORE_METHODS = ["sp", "rkd", "pkt", "crd_kd", "cc", "vid", "nst", "kdsvd", "ofd", "reviewkd", "dist"]
-MORE_METHODS += ["kd_ls", "dkd_ls", "dist_ls"]
-# KDSVD relates singular vectors channel by channel: only pairs with equal stage widths.
-ONLY_ON = {
-    "kdsvd": {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "vgg13_vgg8"}
-}
+MORE_METHODS += ["kd_ls", "dkd_ls", "dist_ls", "ab", "ft", "fsp"]
+# KDSVD relates singular vectors and FSP flows channel by channel: only pairs with equal stage widths.
+EQUAL_WIDTHS = {"resnet56_resnet20", "resnet110_resnet32", "resnet32x4_resnet8x4", "wrn_40_2_wrn_16_2", "vgg13_vgg8"}
+ONLY_ON = {"kdsvd": EQUAL_WIDTHS, "fsp": EQUAL_WIDTHS}
 # The official ReviewKD scripts' per-pair loss weights (its default, 1, elsewhere).
 OVERRIDES = {
     ("reviewkd", pair): [f"--model.init_args.terms.init_args.weight={weight}"]

@@ -774,9 +774,11 @@ def test_reproduction_covers_the_new_rows(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     commands = result.stdout.splitlines()
-    runs = {m: [c for c in commands if f"/methods/{m}.yaml " in c] for m in NEW_METHODS}
-    assert {m: len(c) for m, c in runs.items()} == {m: 5 if m == "kdsvd" else 10 for m in NEW_METHODS}
-    assert len(commands) == 6 + 9 + 10 * 18 + 5  # teachers, students, 19 methods on every pair but KDSVD
+    new = [*NEW_METHODS, "ab", "ft", "fsp"]
+    runs = {m: [c for c in commands if f"/methods/{m}.yaml " in c] for m in new}
+    assert {m: len(c) for m, c in runs.items()} == {m: 5 if m in ("kdsvd", "fsp") else 10 for m in new}
+    # teachers, students, 20 methods on every pair, KDSVD and FSP on the 5 of equal stage widths
+    assert len(commands) == 6 + 9 + 10 * 20 + 5 + 5
     weights = {
         c.split("/pairs/")[1].split(".yaml")[0]: c.split("weight=")[1] for c in runs["reviewkd"] if "weight=" in c
     }
