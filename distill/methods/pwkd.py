@@ -200,7 +200,8 @@ class PWKD(OfflineKD):
         connectors: ``sliced`` ([chosen] default): one connector for the whole teacher, sliced to
             the active width; ``fresh``: a separately initialised connector per stage (under DDP
             this needs ``strategy: ddp_find_unused_parameters_true``).
-        Other arguments as :class:`~distill.methods.kd.OfflineKD`.
+
+    Other arguments as :class:`~distill.methods.kd.OfflineKD`.
     """
 
     def __init__(
