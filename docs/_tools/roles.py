@@ -6,6 +6,7 @@ Markdown does not know these roles, so before rendering every role becomes a cro
 (public, documented, in a ``distill`` module), and plain code otherwise. An unqualified name is
 looked up from the citing object outwards (its class, then its module). A link whose target the
 reference does not render fails the strict build, so a renamed object cannot leave a dead link.
+reST's ``text::`` before a literal block becomes ``text:``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 import griffe
 
 ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|obj|exc):`(~?)([^`]+)`")
+LITERAL_MARKER = re.compile(r"(?<=\S)::$", re.M)  # reST's "text::" before a literal block reads "text:"
 
 
 def _target(collection, path: str):
@@ -61,9 +63,8 @@ class SphinxRoles(griffe.Extension):
                 continue
             pending.extend(obj.members.values())
             if obj.docstring is not None:
-                obj.docstring.value = ROLE.sub(
-                    lambda m, owner=obj: self._replace(collection, owner, m), obj.docstring.value
-                )
+                text = ROLE.sub(lambda m, owner=obj: self._replace(collection, owner, m), obj.docstring.value)
+                obj.docstring.value = LITERAL_MARKER.sub(":", text)
 
     @staticmethod
     def _replace(collection, owner, match: re.Match) -> str:
