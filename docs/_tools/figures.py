@@ -36,7 +36,6 @@ from distill.methods.pwkd import PWKD  # noqa: E402
 from distill.methods.sokd import SOKD, sokd_losses  # noqa: E402
 from distill.methods.sskd import SSKD  # noqa: E402
 from distill.models import create_model  # noqa: E402
-from distill.schedules import MultiStep  # noqa: E402
 
 CIFAR_EPOCHS = 240  # the CRD protocol's budget, split by the stage callbacks
 SAMPLES_PER_EPOCH = 8  # LR curves are drawn at fractional epochs, as the engine steps them
@@ -88,7 +87,9 @@ def pwkd_figure(out: Path) -> Path:
             ax_lr.plot(x, [module.lr_schedule(e) for e in x], color=color, ls=style, label=label)
         if color == colors[0]:
             bounds = [*callback.starts, CIFAR_EPOCHS]
-    ax_lr.plot(x, [MultiStep()(e) for e in x], color="0.4", ls=":", label="base method alone (MultiStep 150/180/210)")
+    _, baseline = pwkd_setup(widths=[1.0], schedule="base")  # whole_teacher_baseline.yaml: the model's own LR
+    label = f"baseline: schedule base ({type(baseline.lr_schedule).__name__} {baseline.lr_schedule.milestones})"
+    ax_lr.plot(x, [baseline.lr_schedule(e) for e in x], color="0.4", ls=":", label=label)
     for ax in (ax_w, ax_lr):
         shade(ax, bounds)
     ax_w.set_ylabel("teacher width")
