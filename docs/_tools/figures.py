@@ -43,6 +43,13 @@ TRAINED, NO_GRAD, NOT_RUN = "#2e7d32", "#90a4ae", "#ffffff"
 STUDENT, TEACHER, BRIDGE = "#1565c0", "#78909c", "#ef6c00"
 
 
+def save(fig, path: Path, rect: tuple | None = None) -> Path:
+    fig.tight_layout(rect=rect)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def fake_trainer(max_epochs: int) -> SimpleNamespace:
     """What the stage callbacks read from the Trainer in ``setup``."""
     return SimpleNamespace(max_epochs=max_epochs)
@@ -101,11 +108,7 @@ def pwkd_figure(out: Path) -> Path:
     ax_lr.set_ylabel("LR / base LR")
     ax_lr.set_xlabel("epoch")
     ax_lr.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    path = out / "pwkd_schedule.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / "pwkd_schedule.png")
 
 
 # ---- SSKD ------------------------------------------------------------------------------------------
@@ -180,10 +183,7 @@ def sskd_figures(out: Path) -> list[Path]:
         fontsize=8,
     )
     fig.suptitle("SSKD phases for resnet56 → resnet20 (3 stages): what each phase trains", fontsize=10)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-    grid = out / "sskd_phases.png"
-    fig.savefig(grid, dpi=110)
-    plt.close(fig)
+    grid = save(fig, out / "sskd_phases.png", rect=(0, 0.08, 1, 0.95))
 
     x = epochs_axis(CIFAR_EPOCHS)
     fig, ax = plt.subplots(figsize=(9, 2.8))
@@ -199,10 +199,7 @@ def sskd_figures(out: Path) -> list[Path]:
     ax.set_ylabel("LR / base LR")
     ax.legend(fontsize=7, loc="center right")
     ax.set_title("SSKD learning rate: one cycle per phase, from SSKDPhases", fontsize=9)
-    fig.tight_layout()
-    schedule = out / "sskd_schedule.png"
-    fig.savefig(schedule, dpi=110)
-    plt.close(fig)
+    schedule = save(fig, out / "sskd_schedule.png")
     return [grid, schedule]
 
 
@@ -301,27 +298,16 @@ def sokd_figure(out: Path) -> Path:
     arrow(ax, (right - 0.15, rows["student"] + h), (right - 0.15, bottom), kbm_kl, BRIDGE, dx=0.08, ha="left")
     ax.text(right + 1.4, rows["kbm"] + h / 2, f"KBM: CE·{weights['kbm_ce']:g}", fontsize=7.5, va="center")
     ax.text(right + 1.4, rows["student"] + h / 2, f"student: CE·{weights['ce']:g}", fontsize=7.5, va="center")
-    ax.text(
-        0.4,
-        rows["teacher"] + h + 0.15,
-        f"teacher {module.teacher_info['arch']}: frozen ({params(module.teacher)}), teacher_bn={module.teacher_bn}",
-        fontsize=8,
-        color=TEACHER,
-    )
-    ax.text(
-        0.4,
-        rows["kbm"] + h + 0.15,
-        f"knowledge bridge module: trained ({params(module.kbm)}), bridge_stage={first - n}",
-        fontsize=8,
-        color=BRIDGE,
-    )
-    ax.text(
-        0.4,
-        rows["student"] + h + 0.15,
-        f"student {module.hparams.student}: trained ({params(module.student)})",
-        fontsize=8,
-        color=STUDENT,
-    )
+    captions = {
+        "teacher": (
+            f"teacher {module.teacher_info['arch']}: frozen ({params(module.teacher)}), teacher_bn={module.teacher_bn}",
+            TEACHER,
+        ),
+        "kbm": (f"knowledge bridge module: trained ({params(module.kbm)}), bridge_stage={first - n}", BRIDGE),
+        "student": (f"student {module.hparams.student}: trained ({params(module.student)})", STUDENT),
+    }
+    for row, (text, color) in captions.items():
+        ax.text(0.4, rows[row] + h + 0.15, text, fontsize=8, color=color)
     ax.set_xlim(0, right + 3.0)
     ax.set_ylim(-0.3, rows["teacher"] + h + 0.5)
     ax.axis("off")
@@ -329,11 +315,7 @@ def sokd_figure(out: Path) -> Path:
         f"SOKD (wrn_40_2 → wrn_40_1): every KL uses {tau} and detaches its partner; terms {', '.join(terms)}",
         fontsize=8.5,
     )
-    fig.tight_layout()
-    path = out / "sokd_bridge.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / "sokd_bridge.png")
 
 
 # ---- KR --------------------------------------------------------------------------------------------
@@ -380,11 +362,7 @@ def kr_aggregation_figure(out: Path) -> Path:
     fig.suptitle(
         "KR knowledge aggregation of one conv, computed by distill.losses.kr (the project's reading)", fontsize=9.5
     )
-    fig.tight_layout()
-    path = out / "kr_aggregation.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / "kr_aggregation.png")
 
 
 def kr_matching_figure(out: Path) -> Path:
@@ -422,11 +400,7 @@ def kr_matching_figure(out: Path) -> Path:
         "is aggregated from (top: input side)",
         fontsize=9,
     )
-    fig.tight_layout()
-    path = out / "kr_matching.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, out / "kr_matching.png")
 
 
 def main(argv: list[str] | None = None) -> None:
