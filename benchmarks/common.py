@@ -1,4 +1,4 @@
-"""What every benchmark shares: arguments, synchronised clocks, fake CIFAR-100 files, tables, JSON.
+"""What every benchmark shares: arguments, synchronised clocks, fake CIFAR-100 and Fashion-MNIST files, tables, JSON.
 
 Every benchmark times ``distill`` next to a plain PyTorch baseline, interleaved (A, B, A, B, ...) so
 both see the same machine load, and reports medians and their ratio. Results go to
@@ -8,6 +8,7 @@ both see the same machine load, and reports medians and their ratio. Results go 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import pickle
@@ -64,6 +65,21 @@ def write_fake_cifar100(root: Path, n_train: int, n_test: int, seed: int = 0) ->
         entry = {"fine_labels": (np.arange(n) % 100).tolist(), "data": rng.integers(0, 256, (n, 3072), dtype=np.uint8)}
         (folder / split).write_bytes(pickle.dumps(entry, protocol=4))
     (folder / "meta").write_bytes(pickle.dumps({"fine_label_names": [f"class_{i}" for i in range(100)]}, protocol=4))
+    return root
+
+
+def write_fake_fashion_mnist(root: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """The four gzipped Fashion-MNIST IDX files under ``root``, random pixels and labels. Returns ``root``."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8).tobytes()
+        labels = (np.arange(n) % 10).astype(np.uint8).tobytes()
+        header = (0x803).to_bytes(4, "big") + b"".join(k.to_bytes(4, "big") for k in (n, 28, 28))
+        (root / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images))
+        (root / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress((0x801).to_bytes(4, "big") + n.to_bytes(4, "big") + labels)
+        )
     return root
 
 

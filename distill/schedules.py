@@ -12,6 +12,8 @@ import bisect
 import math
 from collections.abc import Sequence
 
+from . import checks
+
 
 def _warmup(epoch: float, warmup_epochs: float) -> float:
     return min(1.0, (epoch + 1e-12) / warmup_epochs) if warmup_epochs > 0 else 1.0
@@ -31,8 +33,10 @@ class MultiStep(Schedule):
     """×``gamma`` at each milestone epoch (CRD protocol: 150, 180, 210), changing at epoch starts."""
 
     def __init__(self, milestones: Sequence[int] = (150, 180, 210), gamma: float = 0.1, warmup_epochs: float = 0.0):
-        if list(milestones) != sorted(milestones):
-            raise ValueError(f"MultiStep milestones must increase, got {list(milestones)}")
+        if milestones:
+            checks.ordered("MultiStep", "milestones", milestones)
+        checks.positive("MultiStep", "gamma", gamma)
+        checks.non_negative("MultiStep", "warmup_epochs", warmup_epochs)
         self.milestones, self.gamma, self.warmup_epochs = list(milestones), gamma, warmup_epochs
 
     def __call__(self, epoch: float) -> float:
@@ -49,8 +53,12 @@ class CyclicCosine(Schedule):
     """
 
     def __init__(self, cycle_epochs: Sequence[int], min_factor: float = 0.0, warmup_epochs: float = 0.0):
-        if not cycle_epochs or any(e <= 0 for e in cycle_epochs):
-            raise ValueError(f"cycle_epochs must be positive epoch counts, got {list(cycle_epochs)}")
+        if not cycle_epochs:
+            checks.fail("CyclicCosine", "cycle_epochs", list(cycle_epochs), "a non-empty list of epoch counts > 0")
+        for length in cycle_epochs:
+            checks.positive("CyclicCosine", "cycle_epochs", length)
+        checks.fraction("CyclicCosine", "min_factor", min_factor, zero=True)
+        checks.non_negative("CyclicCosine", "warmup_epochs", warmup_epochs)
         self.cycle_epochs, self.min_factor, self.warmup_epochs = list(cycle_epochs), min_factor, warmup_epochs
         self.bounds = [0]
         for length in self.cycle_epochs:

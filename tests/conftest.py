@@ -16,3 +16,8 @@ def in_tmp(tmp_path, monkeypatch):
     """Run in a fresh directory, so ``runs/`` lands there."""
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a full CLI fit (minutes on a loaded machine)")
+    config.addinivalue_line("markers", "ddp: a multi-process DDP run")

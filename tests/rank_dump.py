@@ -1,5 +1,6 @@
 """Test helpers for two-process CPU DDP runs: every rank dumps its weights, tests compare ranks."""
 
+import atexit
 import os
 import subprocess
 import sys
@@ -19,6 +20,19 @@ class DumpWeightsPerRank(pl.Callback):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if isinstance(v, torch.Tensor)}
         torch.save(state, self.out_dir / f"rank{trainer.global_rank}.pt")
+
+
+class ProcessGroupAtExit(pl.Callback):
+    """Dumps, at interpreter exit (after ``distill``'s entry point returned), whether this rank's default
+    process group is still alive: a gloo group torn down only during finalisation can abort the process."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = Path(out_dir)
+
+    def on_fit_end(self, trainer, pl_module):
+        path = self.out_dir / f"rank{trainer.global_rank}.pt"
+        atexit.register(lambda: torch.save({"alive": torch.tensor(torch.distributed.is_initialized())}, path))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
 
 
 def run_two_ranks(

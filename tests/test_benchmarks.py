@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,9 +14,27 @@ ROW_KEYS = {
     "imagenet_data": {"pipeline", "median_s", "images_per_s", "speedup"},
     "pwkd_width": {"teacher", "width", "median_ms", "ratio", "ideal"},
     "gpu_epoch": {"side", "epoch_s", "images_per_s", "projected_240_epochs_h", "epochs_s"},
+    "step_overhead": {
+        "batch_size",
+        "distill_s_per_step",
+        "plain_s_per_step",
+        "ratio",
+        "host_overhead_ms",
+        "distill_peak_rss_mb",
+        "plain_peak_rss_mb",
+    },
+    "teacher_cache": {
+        "pair",
+        "live_median_s",
+        "cached_median_s",
+        "speedup",
+        "cache_pass_vs_epoch",
+        "store_bytes_per_epoch",
+    },
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(ROW_KEYS))
 def test_benchmark_quick_mode_writes_its_json(tmp_path, name):
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
@@ -27,3 +46,35 @@ def test_benchmark_quick_mode_writes_its_json(tmp_path, name):
     assert record["benchmark"].startswith(name) and record["options"]["quick"]
     assert {"torch", "device", "cpu_count"} <= set(record["environment"])
     assert record["results"] and all(ROW_KEYS[name] <= set(row) for row in record["results"])
+
+
+@pytest.mark.slow
+def test_efficacy_quick_mode_runs_every_row_and_compares_paired_seeds(tmp_path, monkeypatch):
+    """The study's machinery on fake Fashion-MNIST files: rows of every kind (no teacher, a teacher, the
+    slimmable teacher, a control, phases) × 2 seeds are ordinary fits, read back with their test top-1
+    and paired differences; no accuracy is asserted."""
+    from fakedata import write_fake_fashion_mnist
+
+    spec = importlib.util.spec_from_file_location("benchmark_efficacy", BENCHMARKS / "efficacy.py")
+    script = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, script)  # its dataclasses look their module up
+    spec.loader.exec_module(script)
+    data = write_fake_fashion_mnist(tmp_path / "data", n_train=400, n_test=20)
+    out = tmp_path / "efficacy.json"
+    args = ["--quick", "--jobs", "1", "--data-dir", str(data), "--runs", str(tmp_path / "runs"), "--out", str(out)]
+    wanted = ["student", "kd", "sskd", "pwkd_kd", "pwkd_whole_only"]
+    payload = script.main([*args, "--train-fraction", "0.5", "--rows", *wanted])
+    record = json.loads(out.read_text())
+    rows = {r["row"]: r for r in record["results"]}
+    assert set(rows) == {*wanted, *script.TEACHERS}
+    for name in wanted:
+        assert rows[name]["n"] == 2 and set(rows[name]["per_seed"]) == {"0", "1"}
+        assert rows[name]["command"].startswith("distill fit --config lightning_configs/fashion_mnist/")
+    kd = rows["kd"]["per_seed"]
+    diff = rows["kd"]["vs_student"]  # re-derived from the per-seed numbers
+    student = rows["student"]["per_seed"]
+    assert diff["mean"] == pytest.approx(sum(kd[s]["test_top1"] - student[s]["test_top1"] for s in "01") / 2)
+    assert rows["pwkd_kd"]["vs_control"]["against"] == "pwkd_whole_only" and rows["kd"]["vs_kd"] is None
+    assert (out.with_suffix(".md")).read_text().count("\n| ") == len(rows)
+    assert (tmp_path / "efficacy-quick_val_top1.png").read_bytes()[:4] == b"\x89PNG"
+    assert payload["wall_s"] > 0 and record["options"]["quick"]

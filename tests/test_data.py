@@ -15,10 +15,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from fakedata import write_fake_cifar100, write_fake_fashion_mnist, write_fake_image_folder
+from sklearn.datasets import load_digits
 
 from distill.data.cifar import CIFAR100_MD5, CIFAR100_MEAN, CIFAR100_STD, CIFAR100DataModule
+from distill.data.digits import DigitsDataModule
 from distill.data.fashion_mnist import FashionMNISTDataModule
 from distill.data.imagenet import ImageNetDataModule
+from distill.data.splits import train_val_indices
+from distill.errors import BadFileError
 
 PIPELINES = ["torchvision", "device"]
 
@@ -162,7 +166,7 @@ def test_cifar_missing_files_error_names_directory_files_and_remedy(tmp_path):
 
 def test_cifar_checksum_mismatch_names_file_and_hashes(tmp_path):
     write_fake_cifar100(tmp_path)
-    with pytest.raises(RuntimeError) as error:
+    with pytest.raises(BadFileError) as error:
         cifar(tmp_path, verify_md5=True).setup()
     message = str(error.value)
     assert str(tmp_path / "cifar-100-python" / "train") in message and CIFAR100_MD5["train"] in message
@@ -181,10 +185,10 @@ def test_cifar_reader_runs_no_code_reads_python2_arrays_and_names_missing_keys(t
     train.write_bytes(train.read_bytes().replace(b"numpy._core.multiarray", b"numpy.core.multiarray"))
     cifar(tmp_path).setup()
     (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"fine_label_names": Payload()}, protocol=2))
-    with pytest.raises(RuntimeError, match=r"meta: not a CIFAR python-format file \(refusing to load .*getcwd"):
+    with pytest.raises(BadFileError, match=r"meta: not a CIFAR python-format file \(refusing to load .*getcwd"):
         cifar(tmp_path).setup()
     (tmp_path / "cifar-100-python" / "meta").write_bytes(pickle.dumps({"label_names": []}))
-    with pytest.raises(RuntimeError, match=r"meta: not a CIFAR python-format file \(no fine_label_names\)"):
+    with pytest.raises(BadFileError, match=r"meta: not a CIFAR python-format file \(no fine_label_names\)"):
         cifar(tmp_path).setup()
 
 
@@ -328,6 +332,7 @@ def test_fashion_mnist_errors_name_the_file(tmp_path):
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_real_files_match_the_protocol_statistics():
     dm = FashionMNISTDataModule(data_dir=str(DEBIAN_FASHION_MNIST))
@@ -336,3 +341,108 @@ def test_fashion_mnist_real_files_match_the_protocol_statistics():
     assert len(dm.train_set) == 60000 and len(dm.test_set) == 10000
     assert round(pixels.mean().item(), 4) == 0.2860 and round(pixels.std().item(), 4) == 0.3530
     assert dm.train_targets.bincount().tolist() == [6000] * 10
+
+
+# --- Fractions and held-out validation (distill.data.splits) --------------------------------------
+
+
+def uneven_labels() -> torch.Tensor:
+    """Classes of 40, 25 and 11 images, interleaved."""
+    labels = torch.cat([torch.full((40,), 0), torch.full((25,), 1), torch.full((11,), 2)])
+    return labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(3))]
+
+
+def test_train_val_indices_are_stratified_disjoint_and_sorted():
+    labels = uneven_labels()
+    train, val = train_val_indices(labels, val_fraction=0.2, train_fraction=0.5, split_seed=0)
+    # per class: val = round(n·0.2); train = round((n - val)·0.5), counted by hand
+    assert labels[val].bincount().tolist() == [8, 5, 2]
+    assert labels[train].bincount().tolist() == [16, 10, 4]
+    assert not set(train.tolist()) & set(val.tolist())
+    assert train.tolist() == sorted(train.tolist()) and val.tolist() == sorted(val.tolist())
+
+
+def test_train_val_indices_are_fixed_by_split_seed_and_nested():
+    labels = uneven_labels()
+    first = train_val_indices(labels, 0.2, 0.5, split_seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(first, train_val_indices(labels, 0.2, 0.5, split_seed=0)))
+    other = train_val_indices(labels, 0.2, 0.5, split_seed=1)
+    assert not torch.equal(first[1], other[1])
+    full_train, same_val = train_val_indices(labels, 0.2, 1.0, split_seed=0)
+    assert torch.equal(same_val, first[1])  # the validation split does not depend on train_fraction
+    assert set(first[0].tolist()) < set(full_train.tolist())  # a smaller fraction is a subset of a larger one
+    assert set(full_train.tolist()) | set(same_val.tolist()) == set(range(len(labels)))
+    whole, none = train_val_indices(labels, 0.0, 1.0, split_seed=0)
+    assert whole.tolist() == list(range(len(labels))) and none.numel() == 0
+
+
+def test_train_val_indices_errors_name_the_fraction_and_the_class():
+    labels = uneven_labels()
+    with pytest.raises(ValueError, match=re.escape("val_fraction=1.0: expected a fraction in [0, 1)")):
+        train_val_indices(labels, 1.0, 1.0, 0)
+    with pytest.raises(ValueError, match=re.escape("train_fraction=0: expected a fraction in (0, 1]")):
+        train_val_indices(labels, 0.0, 0, 0)
+    message = "FashionMNISTDataModule val_fraction=-0.1: expected a fraction in [0, 1)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FashionMNISTDataModule(val_fraction=-0.1)
+    with pytest.raises(ValueError, match=r"class 2 has 11 training images, leaving 0 for validation and 0 for"):
+        train_val_indices(labels, 0.03, 0.03, 0)
+
+
+def fashion(root: Path, **kwargs) -> FashionMNISTDataModule:
+    dm = FashionMNISTDataModule(data_dir=str(root), num_workers=0, **kwargs)
+    dm.setup()
+    return dm
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES)
+def test_fashion_mnist_holds_out_validation_and_keeps_a_fraction(tmp_path, pipeline):
+    root = write_fake_fashion_mnist(tmp_path, n_train=60)
+    whole = fashion(root, pipeline=pipeline)
+    dm = fashion(root, pipeline=pipeline, val_fraction=1 / 3, train_fraction=0.5)
+    assert not whole.holds_out_validation and whole.val_set is whole.test_set
+    assert dm.holds_out_validation and dm.test_set.targets.tolist() == whole.test_set.targets.tolist()
+    assert dm.val_set.targets.bincount().tolist() == [2] * 10 and dm.train_targets.bincount().tolist() == [2] * 10
+    # every held-out and kept image is a training image, and no image is in both
+    pixels = {tuple(image.flatten().tolist()): i for i, image in enumerate(whole.train_set.images)}
+    val = [pixels[tuple(image.flatten().tolist())] for image in dm.val_set.images]
+    kept = [pixels[tuple(image.flatten().tolist())] for image in dm.train_set.images]
+    assert not set(val) & set(kept) and len(set(val)) == 20 and len(set(kept)) == 20
+    # validation batches are test-transformed: normalised, not cropped or flipped
+    attach(dm, training=False)
+    images, targets, index = dm.on_after_batch_transfer(next(iter(dm.val_dataloader())), 0)
+    torch.testing.assert_close(images, normalised(dm.val_set.images[index], (0.2860,), (0.3530,)))
+
+
+def test_fashion_mnist_subset_is_the_same_for_every_run_seed(tmp_path):
+    root = write_fake_fashion_mnist(tmp_path, n_train=60)
+    a, b = (fashion(root, seed=seed, val_fraction=0.2, train_fraction=0.5) for seed in (0, 7))
+    assert torch.equal(a.train_set.images, b.train_set.images) and torch.equal(a.val_set.images, b.val_set.images)
+    c = fashion(root, seed=0, val_fraction=0.2, train_fraction=0.5, split_seed=1)
+    assert not torch.equal(a.val_set.images, c.val_set.images)
+
+
+def test_cifar_holds_out_validation(tmp_path):
+    dm = cifar(write_fake_cifar100(tmp_path, per_class_train=4), val_fraction=0.25, train_fraction=0.5)
+    dm.setup()
+    assert len(dm.val_set) == 100 and len(dm.train_set) == 200 and len(dm.test_set) == 100
+    assert dm.val_set.targets.bincount().tolist() == [1] * 100
+
+
+def test_digits_validation_comes_out_of_the_training_split():
+    whole = DigitsDataModule(train_fraction=0.1)
+    held = DigitsDataModule(train_fraction=0.1, val_fraction=0.2)
+    whole.setup(), held.setup()
+    # per class: test = round(0.2·n), val = round(0.2·(n − test)), train = round(0.1·(n − test − val))
+    counts = torch.bincount(torch.tensor(load_digits().target))
+    test = [round(0.2 * n) for n in counts.tolist()]
+    val = [round(0.2 * (n - t)) for n, t in zip(counts.tolist(), test)]
+    assert whole.val_set is whole.test_set and len(whole.test_set) == sum(test) == 359
+    assert whole.train_targets.bincount().tolist() == [round(0.1 * (n - t)) for n, t in zip(counts.tolist(), test)]
+    assert held.val_set is not held.test_set and held.val_set.targets.bincount().tolist() == val
+    assert held.train_targets.bincount().tolist() == [
+        round(0.1 * (n - t - v)) for n, t, v in zip(counts.tolist(), test, val)
+    ]
+    assert torch.equal(held.test_set.images, whole.test_set.images)
+    test_images = {tuple(x.flatten().tolist()) for x in whole.test_set.images}
+    assert not test_images & {tuple(x.flatten().tolist()) for x in held.val_set.images}

@@ -111,6 +111,7 @@ def load_ranks(out: Path, n: int) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(n)]
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("command", ["validate", "test"])
 def test_two_process_evaluation_sees_every_sample_once_and_matches_one_process(in_tmp, teacher, command):
     run_ddp(digits_args(command, teacher, in_tmp / "ddp"), in_tmp)

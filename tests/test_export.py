@@ -72,6 +72,7 @@ def check_all_formats(net, expected_model, fresh, tmp_path, **kwargs):
     return paths
 
 
+@pytest.mark.slow
 def test_student_of_a_kd_checkpoint_in_every_format(runs, tmp_path):
     net = load_network(runs["kd"])
     assert (net.arch, net.num_classes, net.in_chans, net.image_size) == ("resnet8", 10, 1, 16)
@@ -81,6 +82,7 @@ def test_student_of_a_kd_checkpoint_in_every_format(runs, tmp_path):
     assert info["arch"] == "resnet8" and info["network"] == "student" and info["source"] == str(runs["kd"])
 
 
+@pytest.mark.slow
 def test_sokd_improved_teacher(runs, tmp_path):
     net = load_network(runs["sokd"], network="teacher-improved")
     assert net.arch == "resnet20"
@@ -89,6 +91,7 @@ def test_sokd_improved_teacher(runs, tmp_path):
     check_all_formats(net, expected, lambda: create_model("resnet20", **DIGITS), tmp_path, network="teacher-improved")
 
 
+@pytest.mark.slow
 def test_slimmable_teacher_at_a_width(runs, tmp_path):
     def slimmable(width: float, trained: bool = True):
         model = create_model("resnet20", **DIGITS)

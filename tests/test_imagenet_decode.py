@@ -123,6 +123,7 @@ def test_device_crops_are_torchvision_crops_of_the_drawn_boxes(tree):
         assert torch.allclose(unnormalised, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_crop_boxes_follow_torchvision_random_resized_crop():
     n, (height, width) = 20000, (375, 500)
     ours = random_resized_crop_boxes(torch.tensor([[height, width]] * n), torch.Generator().manual_seed(0)).double()
@@ -237,6 +238,7 @@ def test_device_decode_resumed_mid_epoch_equals_uninterrupted(tree, tmp_path):
         assert torch.equal(value, resumed[name]), name
 
 
+@pytest.mark.ddp
 def test_two_process_ddp_with_device_decode_keeps_ranks_identical(tree, tmp_path):
     """Each rank decodes and crops its own share on its own device (here the CPU); the weights agree."""
     args = [

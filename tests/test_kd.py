@@ -42,6 +42,7 @@ def fit_digits(method: str, teacher: Path, epochs: int = 1, *extra: str):
     )
 
 
+@pytest.mark.slow
 def test_teacher_is_frozen_and_kept_out_of_checkpoint(in_tmp, digits_teacher):
     before = torch.load(digits_teacher, weights_only=True)
     fit_digits("kd", digits_teacher)
@@ -100,6 +101,7 @@ def test_gradients_reach_student_and_connectors_only(digits_teacher):
     assert all(p.grad is None and not p.requires_grad for p in module.teacher.parameters())
 
 
+@pytest.mark.slow
 def test_resumed_kd_run_equals_uninterrupted(tmp_path, digits_teacher, monkeypatch):
     monkeypatch.chdir(tmp_path)
     fit_digits("kd", digits_teacher, 2, "--trainer.logger.init_args.name=straight")
@@ -145,6 +147,7 @@ def cifar_args(fake_cifar, teacher, method):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_every_base_method_runs_through_cli_on_fake_cifar(in_tmp, fake_cifar, cifar_teacher, method):
     main(cifar_args(fake_cifar, cifar_teacher, method))
@@ -155,6 +158,7 @@ def test_every_base_method_runs_through_cli_on_fake_cifar(in_tmp, fake_cifar, ci
     assert all(torch.isfinite(torch.tensor(r["train/loss_step"])) for r in rows if "train/loss_step" in r)
 
 
+@pytest.mark.ddp
 @pytest.mark.parametrize("method", ["kd", "crd", "dml"])
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, fake_cifar, cifar_teacher, method):
     args = cifar_args(fake_cifar, cifar_teacher, method) + ["--trainer.limit_train_batches=3"]

@@ -493,6 +493,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.ddp
 def test_crd_memory_update_is_identical_on_every_ddp_rank(tmp_path):
     """Two gloo ranks: this process is rank 0, a spawned process rank 1."""
     import multiprocessing

@@ -89,6 +89,7 @@ def test_imagenet_param_count(name):
     assert n_params(create_model(name, num_classes=1000)) == IMAGENET_PARAMS[name]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(STAGES))
 def test_staged_forward(name):
     imagenet = name in IMAGENET_PARAMS

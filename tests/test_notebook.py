@@ -3,12 +3,14 @@
 from pathlib import Path
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 from test_results import write_fake_runs
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks/results.ipynb"
 
 
+@pytest.mark.slow
 def test_results_notebook_executes_and_shows_table_and_plots(tmp_path, monkeypatch):
     runs, out = write_fake_runs(tmp_path / "runs"), tmp_path / "results"
     monkeypatch.setenv("DISTILL_RUNS", str(runs))

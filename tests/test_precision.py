@@ -1,5 +1,6 @@
 """Speed switches every method honours: bf16-mixed, channels_last and in-place torch.compile."""
 
+import pytest
 import torch
 from helpers import CONFIGS, FAST
 
@@ -10,6 +11,7 @@ from distill.models import create_model
 from distill.tools.runs import read_metrics
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_kd_fit_keeps_checkpoint_keys(in_tmp):
     torch.manual_seed(0)
     teacher = in_tmp / "teacher.pt"
@@ -42,6 +44,7 @@ def test_bf16_channels_last_kd_fit_keeps_checkpoint_keys(in_tmp):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
 
 
+@pytest.mark.slow
 def test_compile_is_in_place_and_keeps_keys():
     module = OfflineKD(
         student="resnet8",

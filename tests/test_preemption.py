@@ -70,6 +70,7 @@ def straight(tmp_path_factory):
     return teacher, torch.load(last_ckpt(root, "straight"), weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGUSR1"])
 def test_signal_mid_epoch_then_resume_equals_uninterrupted(in_tmp, straight, signal_name):
     teacher, uninterrupted = straight

@@ -13,11 +13,13 @@ from helpers import CONFIGS, FAST
 from rank_dump import assert_same_tensors, run_two_ranks
 from torch import nn
 
-from distill.callbacks.pwkd import PWKDStages
+from distill.callbacks import StagePlan
 from distill.cli import build_cli, main
 from distill.losses import CRDTerm, FitNetTerm, KDTerm
-from distill.methods import OfflineKD
-from distill.methods.pwkd import PWKD, PerStageConnector, SlicedConnector, SlimmableSupervised, reject_sync_batchnorm
+from distill.methods.base import refuse_lossy_sync_batchnorm
+from distill.methods.connectors import PerStageConnector, SlicedConnector
+from distill.methods.pwkd import PWKD
+from distill.methods.slimmable_supervised import SlimmableSupervised
 from distill.models import create_model
 from distill.models.cifar.mobilenetv2 import MobileNetV2, conv_bn_relu
 from distill.models.cifar.resnet import THIN, CifarResNet
@@ -38,6 +40,7 @@ from distill.models.slimmable import (
 )
 from distill.models.weights import file_sha256
 from distill.schedules import MultiStep
+from distill.stages import stage_epochs
 from distill.tools.runs import read_metrics
 
 W = 0.5  # the width the narrow-equivalence tests compare at
@@ -255,9 +258,9 @@ def test_slimmable_teacher_starts_from_an_ordinary_one_and_refuses_sync_batchnor
     x = torch.randn(2, 1, 16, 16)
     module.eval(), ordinary.eval()
     assert torch.equal(module(x), ordinary(x))
-    module.model = nn.SyncBatchNorm.convert_sync_batchnorm(module.model)
-    with pytest.raises(ValueError, match="sync_batchnorm"):
-        reject_sync_batchnorm(module.model)
+    with pytest.raises(ValueError, match=r"replace model.bn1 \(SlimmableBatchNorm2d, a BatchNorm with behaviour"):
+        refuse_lossy_sync_batchnorm({"model": module.model})
+    refuse_lossy_sync_batchnorm({"model": ordinary})  # plain BatchNorms convert without loss
 
 
 @pytest.fixture(scope="module")
@@ -274,12 +277,12 @@ def write_config(path: Path, config: dict) -> str:
     return str(path)
 
 
-def stages_config(tmp_path, widths, epochs, *callbacks, **stage_args) -> str:
-    stages = {
-        "class_path": "distill.callbacks.pwkd.PWKDStages",
-        "init_args": {"widths": widths, "epochs": epochs, **stage_args},
-    }
-    return write_config(tmp_path / "stages.yaml", {"trainer": {"callbacks": [stages, *callbacks]}})
+def stages_config(tmp_path, widths, epochs, *callbacks, name="stages", **plan) -> str:
+    """A config file with PWKD's stage widths, the stage plan's epochs (and ``plan`` fields) and extra callbacks."""
+    config = {"model": {"init_args": {"stage_widths": widths}}, "stages": {"epochs": epochs, **plan}}
+    if callbacks:
+        config["trainer"] = {"callbacks": list(callbacks)}
+    return write_config(tmp_path / f"{name}.yaml", config)
 
 
 def pwkd_digits_args(teacher, *configs, epochs=4):
@@ -296,6 +299,7 @@ def pwkd_digits_args(teacher, *configs, epochs=4):
     ]
 
 
+@pytest.mark.slow
 def test_slimmable_teacher_trains_through_cli_and_logs_every_width(in_tmp):
     main(["fit", "--config", str(CONFIGS / "digits/pwkd_teacher.yaml"), "--trainer.max_epochs=1", *FAST])
     run = in_tmp / "runs/digits/slimmablesupervised/resnet20/version_0"
@@ -334,6 +338,7 @@ class Recorder(pl.Callback):
         self.steps.append((self.lr, self.width, self.channels))
 
 
+@pytest.mark.slow
 def test_stages_set_teacher_width_and_restart_the_lr(in_tmp, slim_digits_teacher):
     recorder = {"class_path": "test_pwkd.Recorder"}
     cfg = stages_config(in_tmp, [0.25, 0.5, 1.0], [2, 2, 2], recorder)
@@ -364,15 +369,17 @@ def test_monotone_schedule_is_one_cosine_and_base_keeps_the_configured_one(slim_
         num_classes=10,
         in_chans=1,
         image_size=16,
+        stage_widths=[0.5, 1.0],
     )
     trainer = SimpleNamespace(max_epochs=8)
-    PWKDStages(widths=[0.5, 1.0], schedule="monotone").setup(trainer, module, "fit")
-    assert module.lr_schedule(4.0) == pytest.approx(0.5)  # no restart at the boundary
-    PWKDStages(widths=[0.5, 1.0]).setup(trainer, module, "fit")
-    assert module.lr_schedule(4.0) == pytest.approx(1.0)
-    configured = module.lr_schedule = MultiStep([6])
-    PWKDStages(widths=[0.5, 1.0], schedule="base").setup(trainer, module, "fit")
-    assert module.lr_schedule is configured
+    StagePlan(lr="monotone").setup(trainer, module, "fit")
+    assert module.lr_factor(4) == pytest.approx(0.5)  # no restart at the boundary
+    StagePlan().setup(trainer, module, "fit")
+    assert module.lr_factor(4) == pytest.approx(1.0)
+    assert module.lr_factor(2) == pytest.approx(0.5)
+    module.lr_schedule = MultiStep([6])
+    StagePlan(lr="base").setup(trainer, module, "fit")
+    assert [module.lr_factor(e) for e in range(8)] == [module.lr_schedule(e) for e in range(8)]
 
 
 def fitnet_crd_config(tmp_path) -> str:
@@ -394,6 +401,7 @@ def assert_same_training_state(straight: dict, resumed: dict) -> None:
     assert straight["pwkd_stage"] == resumed["pwkd_stage"] == 1
 
 
+@pytest.mark.slow
 def test_resume_in_stage_two_equals_uninterrupted(in_tmp, slim_digits_teacher):
     terms = fitnet_crd_config(in_tmp)
     stages = stages_config(in_tmp, [0.5, 1.0], [2, 2])
@@ -409,9 +417,9 @@ def test_resume_in_stage_two_equals_uninterrupted(in_tmp, slim_digits_teacher):
         assert torch.load(first, weights_only=True)["epoch"] == epochs_done - 1
         main([*args, f"--ckpt_path={first}"])
         assert_same_training_state(straight, torch.load(first, weights_only=True))
-    other = stages_config(in_tmp, [0.25, 1.0], [2, 2])
-    with pytest.raises(ValueError, match="differ from the checkpoint"):
-        main([*pwkd_digits_args(slim_digits_teacher, terms, other, epochs=4), f"--ckpt_path={first}"])
+    other = stages_config(in_tmp, [0.5, 1.0], [1, 3], name="other")
+    with pytest.raises(ValueError, match=r"stages.epochs\[0\]=1 \(the checkpoint has 2\)"):
+        build_cli([*pwkd_digits_args(slim_digits_teacher, terms, other, epochs=4), f"--ckpt_path={first}"])
 
 
 def test_fresh_connectors_one_per_stage(slim_digits_teacher):
@@ -424,8 +432,8 @@ def test_fresh_connectors_one_per_stage(slim_digits_teacher):
         in_chans=1,
         image_size=16,
         connectors="fresh",
+        stage_widths=[0.25, 1.0, 1.0],
     )
-    module.prepare_stages([0.25, 1.0, 1.0])
     regressor = module.terms[0].regressor
     assert isinstance(regressor, PerStageConnector)
     assert [m.conv.out_channels for m in regressor.per_stage] == [8, 32, 32]
@@ -446,8 +454,8 @@ def test_connectors_follow_the_teacher_width(slim_digits_teacher):
         num_classes=10,
         in_chans=1,
         image_size=16,
+        stage_widths=[0.25, 1.0],
     )
-    module.prepare_stages([0.25, 1.0])
     module.terms[1].setup_data(torch.arange(40) % 10)
     regressor, embed_t = module.terms[0].regressor, module.terms[1].embed_t
     assert isinstance(regressor, SlicedConnector) and isinstance(embed_t, SlicedConnector)
@@ -475,18 +483,19 @@ def fake_cifar(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def slim_cifar_teacher(tmp_path_factory):
-    """A random slimmable resnet56 where the pwkd config expects it: runs/cifar100/slimmablesupervised/resnet56/..."""
+    """A random slimmable resnet56 where the pwkd config expects it: a finished run of
+    runs/cifar100/slimmablesupervised/resnet56 (its summary.json and last.ckpt at the same step)."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("runs_root")
     path = root / "runs/cifar100/slimmablesupervised/resnet56/version_0/checkpoints/last.ckpt"
     path.parent.mkdir(parents=True)
-    torch.save(
-        {"state_dict": {f"model.{k}": v for k, v in make_slimmable(create_model("resnet56")).state_dict().items()}},
-        path,
-    )
+    state = {f"model.{k}": v for k, v in make_slimmable(create_model("resnet56")).state_dict().items()}
+    torch.save({"state_dict": state, "global_step": 0}, path)
+    (path.parent.parent / "summary.json").write_text('{"global_step": 0}')
     return root
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["kd", "fitnet"])
 def test_pwkd_over_a_base_method_runs_through_cli_on_fake_cifar(
     tmp_path, monkeypatch, fake_cifar, slim_cifar_teacher, method
@@ -524,25 +533,39 @@ def test_pwkd_over_a_base_method_runs_through_cli_on_fake_cifar(
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"widths": [0.5, 0.25, 1.0]}, "not decrease"),
-        ({"widths": [0.25, 0.5]}, "end at 1.0"),
-        ({"widths": [0.25, 1.0], "reverse_order": True}, "start at 1.0"),
-        ({"widths": [0.5, 1.0], "epochs": [3]}, "one positive integer per width"),
-        ({"schedule": "step"}, "'cyclic', 'monotone' or 'base'"),
+        ({"stage_widths": [0.5, 0.25, 1.0]}, "do not decrease"),
+        ({"stage_widths": [0.25, 0.5]}, "end at 1.0"),
+        ({"stage_widths": [0.25, 1.0], "reverse_order": True}, "start at 1.0"),
+        ({"stage_widths": [0.0, 1.0]}, r"stage_widths=0.0: expected a fraction in \(0, 1\]"),
+        ({"connectors": "shared"}, "connectors='shared': expected one of 'sliced', 'fresh'"),
     ],
 )
-def test_bad_stage_lists_fail_when_built(kwargs, message):
+def test_bad_stage_widths_fail_when_built(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        PWKDStages(**kwargs)
+        PWKD(num_classes=10, in_chans=1, image_size=16, **kwargs)
 
 
-def test_bad_configs_fail_at_setup(tmp_path, slim_digits_teacher):
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"epochs": [2, 0]}, r"epochs=\[2, 0\]: expected a list of integers > 0"),
+        ({"lr": "steps"}, "lr='steps': expected one of 'own', 'base', 'cyclic', 'step', 'monotone'"),
+        ({"min_lr_factor": 2.0}, r"min_lr_factor=2.0: expected a fraction in \[0, 1\]"),
+    ],
+)
+def test_bad_stage_plans_fail_when_built(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        StagePlan(**kwargs)
+
+
+@pytest.mark.slow
+def test_bad_configs_fail_at_construction_or_setup(tmp_path, slim_digits_teacher):
     half = make_slimmable(create_model("resnet20", num_classes=10, in_chans=1), widths=(0.5, 1.0), image_size=16)
     torch.save(half.state_dict(), tmp_path / "half.pt")
     torch.save(create_model("resnet20", num_classes=10, in_chans=1).state_dict(), tmp_path / "plain.pt")
     trainer = SimpleNamespace(max_epochs=4)
 
-    def pwkd(weights):
+    def pwkd(weights, widths):
         return PWKD(
             student="resnet8",
             teacher="resnet20",
@@ -551,35 +574,34 @@ def test_bad_configs_fail_at_setup(tmp_path, slim_digits_teacher):
             num_classes=10,
             in_chans=1,
             image_size=16,
+            stage_widths=widths,
         )
 
     with pytest.raises(ValueError, match=r"widths \[0.25\] are not widths the teacher was trained at"):
-        PWKDStages(widths=[0.25, 0.5, 1.0], epochs=[1, 1, 2]).setup(trainer, pwkd(tmp_path / "half.pt"), "fit")
+        pwkd(tmp_path / "half.pt", [0.25, 0.5, 1.0])
     with pytest.raises(ValueError, match=r"widths \[0.5\] are not widths"):  # an ordinary teacher: whole width only
-        PWKDStages(widths=[0.5, 1.0]).setup(trainer, pwkd(tmp_path / "plain.pt"), "fit")
-    PWKDStages(widths=[1.0, 1.0]).setup(trainer, pwkd(tmp_path / "plain.pt"), "fit")  # whole-only works with it
-    module = pwkd(slim_digits_teacher)
-    with pytest.raises(ValueError, match=r"sum to 3, not trainer.max_epochs=4"):
-        PWKDStages(widths=[0.5, 1.0], epochs=[1, 2]).setup(trainer, module, "fit")
-    with pytest.raises(ValueError, match=r"max_epochs=2 is fewer epochs than the 3 PWKD stages"):
-        PWKDStages(widths=[0.25, 0.5, 1.0]).setup(SimpleNamespace(max_epochs=2), module, "fit")
-    assert PWKDStages(widths=[0.25, 0.5, 1.0]).stage_epochs(4) == [2, 1, 1]
-    with pytest.raises(ValueError, match="needs the distill.callbacks.pwkd.PWKDStages callback"):
-        module.setup("fit")
-    kd = OfflineKD(student="resnet8", teacher="resnet20", terms=[KDTerm()], num_classes=10, in_chans=1, image_size=16)
-    with pytest.raises(TypeError, match="drives a distill.methods.pwkd.PWKD model"):
-        PWKDStages().setup(trainer, kd, "fit")
-    with pytest.raises(ValueError, match="connectors must be"):
-        PWKD(connectors="shared", num_classes=10, in_chans=1, image_size=16)
+        pwkd(tmp_path / "plain.pt", [0.5, 1.0])
+    pwkd(tmp_path / "plain.pt", [1.0, 1.0])  # whole-only works with it
+    module = pwkd(slim_digits_teacher, [0.5, 1.0])
+    with pytest.raises(ValueError, match=r"sum to 3, but trainer.max_epochs=4"):
+        StagePlan(epochs=[1, 2]).setup(trainer, module, "fit")
+    thin = pwkd(slim_digits_teacher, [0.25, 0.5, 1.0])
+    with pytest.raises(ValueError, match=r"trainer.max_epochs=2 cannot be split among the 3 stages"):
+        StagePlan().setup(SimpleNamespace(max_epochs=2), thin, "fit")
+    assert stage_epochs(thin.stages(), 4) == [2, 1, 1]
+    with pytest.raises(ValueError, match="needs the distill.callbacks.StagePlan callback"):
+        thin.setup("fit")
 
 
+@pytest.mark.slow
 def test_bad_stage_epochs_stop_the_cli_before_training(in_tmp, slim_digits_teacher):
     cfg = stages_config(in_tmp, [0.5, 1.0], [1, 1])
-    with pytest.raises(ValueError, match="sum to 2, not trainer.max_epochs=4"):
-        main(pwkd_digits_args(slim_digits_teacher, cfg, epochs=4))
+    with pytest.raises(ValueError, match="sum to 2, but trainer.max_epochs=4"):
+        build_cli(pwkd_digits_args(slim_digits_teacher, cfg, epochs=4))
     assert not list(in_tmp.glob("runs/**/*.ckpt"))
 
 
+@pytest.mark.ddp
 # ---- DDP ----------------------------------------------------------------------------------------
 def test_two_process_ddp_keeps_ranks_identical(tmp_path, slim_digits_teacher):
     args = pwkd_digits_args(slim_digits_teacher, fitnet_crd_config(tmp_path), epochs=4) + [
@@ -684,6 +706,7 @@ def narrow_args(tmp_path, teachers) -> list[str]:
     ]
 
 
+@pytest.mark.slow
 def test_stage_teachers_take_turns_and_resume_exactly(in_tmp, narrow_digits_teachers):
     args = narrow_args(in_tmp, narrow_digits_teachers)
     cli = build_cli([*args, "--trainer.logger.init_args.name=straight"])
@@ -700,9 +723,9 @@ def test_stage_teachers_take_turns_and_resume_exactly(in_tmp, narrow_digits_teac
     assert_same_training_state(straight, torch.load(first, weights_only=True))
 
 
+@pytest.mark.slow
 def test_stage_teacher_mistakes_are_named(tmp_path, narrow_digits_teachers):
     half, plain = narrow_digits_teachers
-    trainer = SimpleNamespace(max_epochs=4)
 
     def pwkd(**kwargs):
         return PWKD(
@@ -711,18 +734,17 @@ def test_stage_teacher_mistakes_are_named(tmp_path, narrow_digits_teachers):
 
     with pytest.raises(ValueError, match="teacher_weights or stage_teacher_weights, not both"):
         pwkd(teacher_weights=plain, stage_teacher_weights=[half, plain])
-    with pytest.raises(ValueError, match=r"2 stage_teacher_weights for 3 stages \[0.25, 0.5, 1.0\]"):
-        PWKDStages(widths=[0.25, 0.5, 1.0]).setup(trainer, pwkd(stage_teacher_weights=[half, plain]), "fit")
+    with pytest.raises(ValueError, match=r"2 stage_teacher_weights for 3 stage_widths \[0.25, 0.5, 1.0\]"):
+        pwkd(stage_teacher_weights=[half, plain], stage_widths=[0.25, 0.5, 1.0])
     with pytest.raises(
         ValueError, match=rf"stage 1 runs its teacher at width 1.0, but {half} was trained at widths \[0.5\]"
     ):
-        PWKDStages(widths=[0.5, 1.0]).setup(trainer, pwkd(stage_teacher_weights=[half, half]), "fit")
+        pwkd(stage_teacher_weights=[half, half], stage_widths=[0.5, 1.0])
     with pytest.raises(ValueError, match=r"widths \[1.0\] are not widths the teacher was trained at \(\[0.5\]"):
-        PWKDStages(widths=[0.5, 1.0]).setup(
-            trainer, pwkd(teacher_weights=half), "fit"
-        )  # a narrow one is no slimmable teacher
+        pwkd(teacher_weights=half, stage_widths=[0.5, 1.0])  # a narrow one is no slimmable teacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ablation", sorted(p.stem for p in (CONFIGS / "pwkd/cifar100/ablations").glob("*.yaml")))
 def test_ablation_configs_compose_with_a_pair_and_a_method(ablation, capsys):
     with pytest.raises(SystemExit) as stop:
@@ -742,8 +764,30 @@ def test_ablation_configs_compose_with_a_pair_and_a_method(ablation, capsys):
         )
     assert stop.value.code in (0, None)
     config = yaml.safe_load(capsys.readouterr().out)
-    assert config["model"]["class_path"] == "distill.methods.pwkd.PWKD"
-    assert any(cb["class_path"] == "distill.callbacks.pwkd.PWKDStages" for cb in config["trainer"]["callbacks"])
+    assert config["model"]["class_path"] == "distill.methods.PWKD"
+    assert config["stages"]["lr"] in ("own", "monotone", "base")
+
+
+@pytest.mark.slow
+def test_ablations_stack(capsys):
+    """Two ablation files combine: each sets only its own fields of the model or the stage plan."""
+    ablations = CONFIGS / "pwkd/cifar100/ablations"
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                *("--config", str(CONFIGS / "cifar100/pairs/resnet32x4_resnet8x4.yaml")),
+                *("--config", str(CONFIGS / "methods/kd.yaml")),
+                *("--config", str(CONFIGS / "pwkd/cifar100/pwkd.yaml")),
+                *("--config", str(ablations / "whole_only.yaml")),
+                *("--config", str(ablations / "monotone.yaml")),
+                "--stages.warmup_epochs=2",
+                "--print_config",
+            ]
+        )
+    config = yaml.safe_load(capsys.readouterr().out)
+    assert config["model"]["init_args"]["stage_widths"] == [1.0] * 4
+    assert (config["stages"]["lr"], config["stages"]["warmup_epochs"]) == ("monotone", 2.0)
 
 
 def test_a_missing_stage_teacher_names_its_argument(tmp_path, narrow_digits_teachers):

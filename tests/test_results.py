@@ -7,10 +7,13 @@ import math
 import subprocess
 import sys
 
+import pytest
+import torch
 import yaml
 from helpers import CONFIGS, FAST
 
 from distill.cli import main as distill
+from distill.methods.card import method_class
 from distill.tools import results
 from distill.tools.plots import val_top1_figure
 from distill.tools.runs import read_metrics, series, stage_starts
@@ -54,7 +57,7 @@ def supervised(arch):
 
 def write_fake_runs(root):
     """resnet56 → resnet20: teacher, student (unfinished), KD × 2 seeds (seed 1 resumed mid-run, seed 0
-    re-run for one epoch), PWKD over KD × 2 seeds with a ``pwkd/stage`` column (stage 1 from epoch 2)."""
+    re-run for one epoch), PWKD over KD × 2 seeds with a ``stage`` column (stage 1 from epoch 2)."""
     write_run(root / "teacher", supervised("resnet56"), [(0, 0.75), (1, 0.76)])
     write_run(root / "student", supervised("resnet20"), [(0, 0.61), (1, 0.60)], max_epochs=3)
     write_run(root / "kd/version_0", offline_kd([KD]), [(0, 0.60), (1, 0.70), (2, 0.68)], seed=0, seconds=3600)
@@ -62,8 +65,8 @@ def write_fake_runs(root):
     write_run(
         root / "kd/version_2", offline_kd([KD]), [(0, 0.55), (1, 0.50), (1, 0.65), (2, 0.66)], seed=1, seconds=5400
     )
-    stages = {e: {"pwkd/stage": s} for e, s in enumerate([0, 0, 1, 1])}
-    pwkd = offline_kd([KD], cls="distill.methods.pwkd.PWKD")
+    stages = {e: {"stage": s} for e, s in enumerate([0, 0, 1, 1])}
+    pwkd = offline_kd([KD], cls="distill.methods.PWKD")
     write_run(root / "pwkd/a", pwkd, [(0, 0.50), (1, 0.60), (2, 0.70), (3, 0.72)], seed=0, extra=stages)
     write_run(root / "pwkd/b", pwkd, [(0, 0.50), (1, 0.62), (2, 0.69), (3, 0.74)], seed=1, extra=stages)
     return root
@@ -94,6 +97,23 @@ def test_table_cells_are_mean_std_over_seeds_with_best(tmp_path):
     )
 
 
+def test_every_number_says_which_split_it_is_on(tmp_path):
+    write_fake_runs(tmp_path / "a")
+    markdown = results.to_markdown(results.build_table(results.collect(tmp_path / "a")))
+    assert "### cifar100: val top-1 (%), val = test split" in markdown
+    held_out = {**DATA, "init_args": {"batch_size": 64, "val_fraction": 0.1}}
+    write_run(tmp_path / "b/kd", offline_kd([KD]), [(0, 0.5)])
+    write_run(tmp_path / "b/kd_held_out", offline_kd([KD]), [(0, 0.6)], seed=1)
+    config = yaml.safe_load((tmp_path / "b/kd_held_out/config.yaml").read_text())
+    (tmp_path / "b/kd_held_out/config.yaml").write_text(yaml.safe_dump({**config, "data": held_out}))
+    table = results.build_table(results.collect(tmp_path / "b"))
+    markdown = results.to_markdown(table)
+    assert "### cifar100: val top-1 (%)\n" in markdown  # mixed: every cell names its split
+    assert "| 50.00 [50.00] (val = test split) | 60.00 [60.00] (held-out val) |" in markdown
+    lines = list(csv.DictReader(io.StringIO(results.to_csv(table))))
+    assert [line["val_split"] for line in lines] == ["val = test split", "held-out val"]
+
+
 def test_csv_has_one_line_per_cell(tmp_path):
     root = write_fake_runs(tmp_path)
     lines = list(csv.DictReader(io.StringIO(results.to_csv(results.build_table(results.collect(root)), root))))
@@ -116,6 +136,7 @@ def test_resumed_epochs_keep_last_value_and_stages_are_found(tmp_path):
     assert figure.axes[0].get_title().endswith("(stages shaded)")
 
 
+@pytest.mark.slow
 def test_cli_prints_table_and_writes_files_and_plots(tmp_path, capsys):
     root, out = write_fake_runs(tmp_path / "runs"), tmp_path / "out"
     results.main([str(root), "--out", str(out), "--format", "csv"])
@@ -126,10 +147,29 @@ def test_cli_prints_table_and_writes_files_and_plots(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def card_of(model: dict):
+    return method_class(model["class_path"]).card(model["init_args"])
+
+
+def test_methods_describe_their_runs():
+    """Columns and run names come from the method classes, not from the tools."""
+    assert card_of(offline_kd([KD, CRD])).column == "crd+kd"
+    assert card_of(offline_kd([KD], "distill.methods.KR")).column == "kr:kd"
+    assert card_of(offline_kd([KD])).name_parts == ("resnet56", "resnet20")
+    dml = card_of({"class_path": "distill.methods.DML", "init_args": {"student": "resnet20"}})
+    assert (dml.column, dml.student_column, dml.teacher, dml.name_parts) == ("dml", "dml", None, ("resnet20",) * 2)
+    scratch = card_of(supervised("resnet20"))
+    assert (scratch.student_column, scratch.teacher_column, scratch.name_parts) == ("student", "teacher", ("resnet20",))
+    slim = card_of(
+        {
+            "class_path": "distill.methods.SlimmableSupervised",
+            "init_args": {"model": "resnet56", "train_widths": [0.25]},
+        }
+    )
+    assert (slim.teacher_column, slim.name_parts) == ("slimmable teacher", ("resnet56", "w0_25"))
+
+
 def test_methods_and_variants_come_from_the_config(tmp_path):
-    assert results.method_name(offline_kd([KD, CRD]), tmp_path) == "crd+kd"
-    assert results.method_name(offline_kd([KD], "distill.methods.kr.KR"), tmp_path) == "kr:kd"
-    assert results.method_name({"class_path": "distill.methods.DML"}, tmp_path) == "dml"
     hot = {**KD, "init_args": {"weight": 0.9, "temperature": 2.0}}
     write_run(tmp_path / "a", offline_kd([KD]), [(0, 0.5)])
     write_run(tmp_path / "b", offline_kd([hot]), [(0, 0.6)])
@@ -138,36 +178,34 @@ def test_methods_and_variants_come_from_the_config(tmp_path):
     assert table.columns["cifar100"] == ["kd (temperature=2.0)", "kd (temperature=4.0)", "dml"]
 
 
-def test_stage_callbacks_and_teacher_lists_tell_ablations_apart(tmp_path):
-    """PWKD ablations differ in the PWKDStages callback or in per-stage teacher files, not in the model."""
-    pwkd = offline_kd([KD], cls="distill.methods.pwkd.PWKD")
+def test_stage_plans_and_teacher_lists_tell_ablations_apart(tmp_path):
+    """PWKD ablations differ in the stage widths, the stage plan or per-stage teacher files."""
+    pwkd = offline_kd([KD], cls="distill.methods.PWKD")
 
-    def stages(widths):
-        return {
-            "callbacks": [
-                {"class_path": "distill.callbacks.pwkd.PWKDStages", "init_args": {"widths": widths}},
-                {"class_path": "pytorch_lightning.callbacks.LearningRateMonitor"},
-            ]
-        }
+    def with_widths(model, widths):
+        return {**model, "init_args": {**model["init_args"], "stage_widths": widths}}
 
     narrow = {**pwkd, "init_args": {**pwkd["init_args"], "stage_teacher_weights": [f"w{k}.ckpt" for k in range(4)]}}
-    for name, model, widths in (
-        ("a", pwkd, [0.25, 0.5, 0.75, 1.0]),
-        ("b", pwkd, [1.0] * 4),
-        ("c", narrow, [0.25, 0.5, 0.75, 1.0]),
+    for name, model, widths, lr in (
+        ("a", pwkd, [0.25, 0.5, 0.75, 1.0], "own"),
+        ("b", pwkd, [1.0] * 4, "own"),
+        ("c", narrow, [0.25, 0.5, 0.75, 1.0], "own"),
+        ("d", pwkd, [0.25, 0.5, 0.75, 1.0], "monotone"),
     ):
-        write_run(tmp_path / name, model, [(0, 0.5), (1, 0.6)])
+        write_run(tmp_path / name, with_widths(model, widths), [(0, 0.5), (1, 0.6)])
         config = yaml.safe_load((tmp_path / name / "config.yaml").read_text())
-        config["trainer"].update(stages(widths))
+        config["stages"] = {"epochs": None, "lr": lr}
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump(config))
     labels = sorted(run.method for run in results.collect(tmp_path))
     assert labels == [
-        "pwkd:kd (widths=[0.25, 0.5, 0.75, 1.0], stage_teacher_weights=-)",
-        "pwkd:kd (widths=[0.25, 0.5, 0.75, 1.0], stage_teacher_weights=4 files)",
-        "pwkd:kd (widths=[1.0, 1.0, 1.0, 1.0], stage_teacher_weights=-)",
+        "pwkd:kd (stage_teacher_weights=-, stage_widths=[0.25, 0.5, 0.75, 1.0], lr=monotone)",
+        "pwkd:kd (stage_teacher_weights=-, stage_widths=[0.25, 0.5, 0.75, 1.0], lr=own)",
+        "pwkd:kd (stage_teacher_weights=-, stage_widths=[1.0, 1.0, 1.0, 1.0], lr=own)",
+        "pwkd:kd (stage_teacher_weights=4 files, stage_widths=[0.25, 0.5, 0.75, 1.0], lr=own)",
     ]
 
 
+@pytest.mark.slow
 def test_real_digits_run_is_read_back(in_tmp, tmp_path):
     import torch
 
@@ -213,11 +251,14 @@ def test_reproduction_dry_run_counts_every_job(tmp_path):
     commands = reproduce(*args, cwd=tmp_path)
     assert len(commands) == 3 + 2 * 2 + 3 * 2 * 2
     assert all(" -m distill.cli fit " in c and " --ckpt_path=last" in c for c in commands)
-    teacher = tmp_path / "r/cifar100/supervised/ResNet50/version_0/checkpoints/last.ckpt"
+    teacher = tmp_path / "r/cifar100/supervised/ResNet50"  # its newest finished run
     assert commands[-1].endswith(f"--model.init_args.teacher_weights={teacher} --seed_everything=1")
     finished = tmp_path / "r/cifar100/supervised/resnet56/version_0"
-    finished.mkdir(parents=True)
-    (finished / "summary.json").write_text("{}")  # a finished teacher is not trained again
+    (finished / "checkpoints").mkdir(parents=True)
+    torch.save({"global_step": 7}, finished / "checkpoints/last.ckpt")
+    (finished / "summary.json").write_text('{"global_step": 3}')  # resumed after it finished, then stopped
+    assert len(reproduce(*args, cwd=tmp_path)) == len(commands)
+    (finished / "summary.json").write_text('{"global_step": 7}')  # a finished teacher is not trained again
     assert len(reproduce(*args, cwd=tmp_path)) == len(commands) - 1
 
 

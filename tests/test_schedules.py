@@ -13,7 +13,7 @@ def test_multistep_drops_at_epoch_starts():
 
 
 def test_multistep_rejects_unsorted_milestones():
-    with pytest.raises(ValueError, match="milestones must increase"):
+    with pytest.raises(ValueError, match=r"MultiStep milestones=\[180, 150\]: expected a non-empty non-decreasing"):
         MultiStep((180, 150))
 
 

@@ -12,12 +12,14 @@ from helpers import CONFIGS, FAST
 from pytorch_lightning.strategies import DDPStrategy
 from rank_dump import run_two_ranks
 
-from distill.callbacks.sskd import PhaseMultiStep, SSKDPhases
+from distill.callbacks import StagePlan
 from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
-from distill.methods import Supervised
-from distill.methods.sskd import SSKD, mimic_loss, require_unused_parameter_search
+from distill.methods.base import require_unused_parameter_search
+from distill.methods.sskd import SSKD, mimic_loss
 from distill.models import create_model
+from distill.schedules import Constant
+from distill.stages import StagedSchedule, stage_epochs
 from distill.tools.results import load_run
 from distill.tools.runs import read_metrics
 
@@ -125,11 +127,12 @@ CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 def test_each_phase_changes_only_what_it_trains(case):
     kwargs, epochs, trained = CASES[case]
     rec = EpochRecorder()
-    fit_digits(epochs, SSKDPhases(epochs=epochs), ZeroFilledGrads(), rec, **kwargs)
+    fit_digits(epochs, StagePlan(epochs=epochs), ZeroFilledGrads(), rec, **kwargs)
     assert rec.phases == [k for k, n in enumerate(epochs) for _ in range(n)]
     start = 0
     for k, n in enumerate(epochs):
@@ -147,14 +150,18 @@ def test_each_phase_changes_only_what_it_trains(case):
 
 
 def test_step_schedule_drops_within_each_phase_and_restarts():
-    s = PhaseMultiStep([8, 4], milestones=(0.5, 0.75), gamma=0.1)
+    s = StagedSchedule([0, 8, 12], ["step", "step"], Constant(), step_milestones=(0.5, 0.75), step_gamma=0.1)
     assert [s(e) for e in (0, 3.9, 4, 6, 7.9)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
     assert [s(e) for e in (8, 9.9, 10, 11, 12.5)] == pytest.approx([1, 1, 0.1, 0.01, 0.01])
 
 
 def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ():
     s, t = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 8, 8)
-    assert torch.allclose(mimic_loss(s, t), torch.mean((s - torch.nn.functional.avg_pool2d(t, 2)) ** 2))
+    pooled = t.double().reshape(2, 4, 4, 2, 4, 2).mean((3, 5))  # 2x2 average pooling, by hand
+    squared = (s.double() - pooled) ** 2
+    # default: squared distance of the 4-channel feature vectors, averaged over 2·4·4 positions
+    torch.testing.assert_close(mimic_loss(s, t).double(), squared.sum() / 32)
+    torch.testing.assert_close(mimic_loss(s, t, "mean").double(), squared.mean())
     same = SSKD(student="resnet8", teacher="resnet20", **DIGITS)
     assert all(isinstance(a, torch.nn.Identity) for a in same.adapters)
     cross = SSKD(student="ShuffleV1", teacher="resnet32x4", num_classes=100, in_chans=3, image_size=32)
@@ -165,14 +172,16 @@ def test_mimic_loss_pools_the_larger_map_and_adapters_only_where_channels_differ
     assert set(losses) == {"mimic_stage1", "mimic_stage3"} and all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("pair", "adapters", "epochs"),
     [
-        ("cifar100/pairs/resnet56_resnet20.yaml", 0, [60] * 4),
-        ("cifar100/pairs/resnet32x4_resnet8x4.yaml", 0, [60] * 4),
-        ("cifar100/pairs/vgg13_vgg8.yaml", 0, [40] * 6),
-        ("cifar100/pairs/wrn_40_2_wrn_40_1.yaml", 3, [60] * 4),
-        ("imagenet/pairs/resnet34_resnet18.yaml", 0, [20] * 5),
+        # the head phase 10% of the epochs, the stage phases an equal split of the rest
+        ("cifar100/pairs/resnet56_resnet20.yaml", 0, [72, 72, 72, 24]),
+        ("cifar100/pairs/resnet32x4_resnet8x4.yaml", 0, [72, 72, 72, 24]),
+        ("cifar100/pairs/vgg13_vgg8.yaml", 0, [44, 43, 43, 43, 43, 24]),
+        ("cifar100/pairs/wrn_40_2_wrn_40_1.yaml", 3, [72, 72, 72, 24]),
+        ("imagenet/pairs/resnet34_resnet18.yaml", 0, [23, 23, 22, 22, 10]),
     ],
 )
 def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
@@ -189,19 +198,20 @@ def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
     module = cli.model
     assert isinstance(module, SSKD)
     assert sum(not isinstance(a, torch.nn.Identity) for a in module.adapters) == adapters
-    phases = [cb for cb in cli.trainer.callbacks if isinstance(cb, SSKDPhases)]
-    assert len(phases) == 1 and phases[0].resolve_epochs(module, cli.trainer.max_epochs) == epochs
+    (plan,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, StagePlan)]
+    assert stage_epochs(module.stages(), cli.trainer.max_epochs, plan.epochs) == epochs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("ablation", "phases", "head_first", "schedule"),
     [
-        ("joint_mimic", ["all stages", "head"], 3, "CyclicCosine"),
-        ("joint_ce", ["joint CE + mimic"], 0, "CyclicCosine"),
-        ("unfrozen", ["stage 1", "stage 2", "stage 3", "head"], 3, "CyclicCosine"),
-        ("head_and_last_stage", ["stage 1", "stage 2", "stage 3", "head"], 2, "CyclicCosine"),
-        ("classifier_only", ["stage 1", "stage 2", "stage 3", "head"], 4, "CyclicCosine"),
-        ("step_lr", ["stage 1", "stage 2", "stage 3", "head"], 3, "PhaseMultiStep"),
+        ("joint_mimic", ["all stages", "head"], 3, "cyclic"),
+        ("joint_ce", ["joint CE + mimic"], 0, "cyclic"),
+        ("unfrozen", ["stage 1", "stage 2", "stage 3", "head"], 3, "cyclic"),
+        ("head_and_last_stage", ["stage 1", "stage 2", "stage 3", "head"], 2, "cyclic"),
+        ("classifier_only", ["stage 1", "stage 2", "stage 3", "head"], 4, "cyclic"),
+        ("step_lr", ["stage 1", "stage 2", "stage 3", "head"], 3, "step"),
     ],
 )
 def test_ablation_configs_compose_after_sskd(in_tmp, ablation, phases, head_first, schedule):
@@ -217,9 +227,10 @@ def test_ablation_configs_compose_after_sskd(in_tmp, ablation, phases, head_firs
         ],
         run=False,
     )
-    module, (callback,) = cli.model, [cb for cb in cli.trainer.callbacks if isinstance(cb, SSKDPhases)]
+    module, (plan,) = cli.model, [cb for cb in cli.trainer.callbacks if isinstance(cb, StagePlan)]
     assert [p.name for p in module.phases] == phases and module.phases[-1].first == head_first
-    assert type(callback.make_schedule(callback.resolve_epochs(module, 240))).__name__ == schedule
+    plan.setup(pl.Trainer(max_epochs=240, logger=False), module, "fit")
+    assert module.stage_schedule.policies == [schedule] * len(phases)
     stage2 = [p for p in module.phases if p.name == "stage 2"]
     assert not stage2 or stage2[0].first == (0 if ablation == "unfrozen" else 1)
 
@@ -246,6 +257,7 @@ def digits_cli_args(teacher, epochs, *extra):
     ]
 
 
+@pytest.mark.slow
 def test_resume_in_the_middle_of_phase_2_equals_uninterrupted(tmp_path, digits_teacher, monkeypatch):
     monkeypatch.chdir(tmp_path)  # 6 epochs split [2, 2, 1, 1]: stopping after 3 epochs is mid-phase 2
     main(digits_cli_args(digits_teacher, 6, "--trainer.logger.init_args.name=straight"))
@@ -265,6 +277,7 @@ def test_resume_in_the_middle_of_phase_2_equals_uninterrupted(tmp_path, digits_t
         assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
 
 
+@pytest.mark.ddp
 def test_two_process_ddp_keeps_ranks_identical_and_frozen_parts_fixed(tmp_path, digits_teacher):
     rank0, rank1 = run_two_ranks(
         digits_cli_args(digits_teacher, 4),
@@ -293,6 +306,7 @@ def fake_cifar(tmp_path_factory):
     return write_fake_cifar100(tmp_path_factory.mktemp("cifar"), per_class_train=2, per_class_test=1)
 
 
+@pytest.mark.slow
 def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(in_tmp, fake_cifar):
     torch.manual_seed(0)
     teacher = in_tmp / "resnet56.pt"
@@ -323,10 +337,10 @@ def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(i
     run = in_tmp / "runs/cifar100/sskd/resnet56-resnet20/version_0"
     rows = read_metrics(run)
     logged = {k for r in rows for k in r}
-    expected = {f"train/loss_mimic_stage{k}_step" for k in (1, 2, 3)} | {"train/loss_ce_step", "phase", "val/top1"}
+    expected = {f"train/loss_mimic_stage{k}_step" for k in (1, 2, 3)} | {"train/loss_ce_step", "stage", "val/top1"}
     expected |= {f"val/top1_end_of_phase{k}_untrained_head" for k in (1, 2, 3)} | {"val/top1_end_of_phase4"}
     assert expected <= logged
-    assert sorted({int(r["phase"]) for r in rows if "phase" in r}) == [1, 2, 3, 4]
+    assert sorted({int(r["stage"]) for r in rows if "stage" in r}) == [0, 1, 2, 3]
     starts = [m for m in messages if m.startswith("SSKD phase")]
     assert len(starts) == 4 and all("not meaningful" in m for m in starts[:3]) and "not meaningful" not in starts[3]
     state = torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
@@ -336,15 +350,15 @@ def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(i
 # ---- start-up errors -------------------------------------------------------------------------
 def startup(epochs=None, max_epochs=4, module=None):
     module = module or SSKD(student="resnet8", teacher="resnet20", **DIGITS)
-    SSKDPhases(epochs=epochs).setup(pl.Trainer(max_epochs=max_epochs, logger=False), module, "fit")
+    StagePlan(epochs=epochs).setup(pl.Trainer(max_epochs=max_epochs, logger=False), module, "fit")
 
 
 @pytest.mark.parametrize(
     ("epochs", "max_epochs", "message"),
     [
-        ([1, 1, 1, 2], 4, r"epochs=\[1, 1, 1, 2\] sum to 5, but trainer.max_epochs=4"),
-        ([2, 2], 4, r"has 2 entries, but the model has 4 phases \(stage 1, stage 2, stage 3, head\)"),
-        (None, 3, r"trainer.max_epochs=3 cannot be split among the 4 phases"),
+        ([1, 1, 1, 2], 4, r"stages.epochs=\[1, 1, 1, 2\] sum to 5, but trainer.max_epochs=4"),
+        ([2, 2], 4, r"\[2, 2\]: expected 4 positive epoch counts, one per stage \(stage 1, stage 2, stage 3, head\)"),
+        (None, 3, r"trainer.max_epochs=3 cannot be split among the 4 stages"),
     ],
 )
 def test_bad_phase_epochs_fail_at_setup(epochs, max_epochs, message):
@@ -352,45 +366,46 @@ def test_bad_phase_epochs_fail_at_setup(epochs, max_epochs, message):
         startup(epochs, max_epochs)
 
 
+@pytest.mark.slow
 def test_bad_phase_epochs_fail_through_cli(in_tmp, digits_teacher):
-    with pytest.raises(ValueError, match=r"has 3 entries, but the model has 4 phases"):
-        main(digits_cli_args(digits_teacher, 4, "--trainer.callbacks.epochs=[1,1,2]"))
+    with pytest.raises(ValueError, match=r"expected 4 positive epoch counts, one per stage"):
+        build_cli(digits_cli_args(digits_teacher, 4, "--stages.epochs=[1,1,2]"))
 
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"epochs": [2, 0, 1, 1]}, r"epochs=\[2, 0, 1, 1\]: expected a list of positive epoch counts"),
+        ({"epochs": [2, 0, 1, 1]}, r"epochs=\[2, 0, 1, 1\]: expected a list of integers > 0"),
         ({"min_lr_factor": 1.5}, r"min_lr_factor=1.5"),
-        ({"step_milestones": [0.8, 0.5]}, r"step_milestones=\[0.8, 0.5\]: expected increasing fractions"),
+        ({"step_milestones": [0.8, 0.5]}, r"step_milestones=\[0.8, 0.5\]: expected a non-empty increasing list"),
     ],
 )
-def test_bad_callback_arguments_fail_at_construction(kwargs, message):
+def test_bad_plan_arguments_fail_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        SSKDPhases(**kwargs)
+        StagePlan(**kwargs)
 
 
 def test_model_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"student vgg8 has 5 stages and teacher resnet20 has 3"):
         SSKD(student="vgg8", teacher="resnet20", **DIGITS)
-    with pytest.raises(ValueError, match=r"head_trains='fc': expected one of classifier, head, last_stage_and_head"):
+    with pytest.raises(ValueError, match=r"head_trains='fc': expected one of 'classifier', 'head', 'last_stage_and_"):
         SSKD(student="resnet8", teacher="resnet20", head_trains="fc", **DIGITS)
-    with pytest.raises(ValueError, match="SSKD needs the SSKDPhases callback"):
+    with pytest.raises(ValueError, match="SSKD needs the distill.callbacks.StagePlan callback"):
         fit_digits(None, student="resnet8", teacher="resnet20")
-    with pytest.raises(TypeError, match="SSKDPhases drives distill.methods.sskd.SSKD"):
-        startup(module=Supervised(model="resnet8", **DIGITS))
 
 
 def test_plain_ddp_is_refused_and_resume_with_other_epochs_too():
-    with pytest.raises(ValueError, match="ddp_find_unused_parameters_true"):
-        require_unused_parameter_search(DDPStrategy())
-    require_unused_parameter_search(DDPStrategy(find_unused_parameters=True))
-    callback = SSKDPhases()
-    callback.phase_epochs = [1, 1, 1, 1]
-    with pytest.raises(ValueError, match=r"trained with SSKD phase epochs \[2, 1, 1, 1\], this run has \[1, 1, 1, 1\]"):
-        callback.load_state_dict({"phase_epochs": [2, 1, 1, 1]})
+    with pytest.raises(ValueError, match="SSKD leaves parameters unused.*ddp_find_unused_parameters_true"):
+        require_unused_parameter_search(DDPStrategy(), "SSKD")
+    require_unused_parameter_search(DDPStrategy(find_unused_parameters=True), "SSKD")
+    plan = StagePlan()
+    plan.setup(pl.Trainer(max_epochs=4, logger=False), SSKD(student="resnet8", teacher="resnet20", **DIGITS), "fit")
+    saved = {**plan.state_dict(), "epochs": [2, 1, 1, 0]}
+    with pytest.raises(ValueError, match=r"'epochs': \[1, 1, 1, 1\]\} differs from the checkpoint's .*\[2, 1, 1, 0\]"):
+        plan.load_state_dict(saved)
 
 
+@pytest.mark.slow
 def test_only_the_head_phase_can_be_the_best(tmp_path, digits_teacher, monkeypatch):
     """Backbone phases evaluate an untrained classifier: they log no val/top1_best and write no best checkpoint."""
     monkeypatch.chdir(tmp_path)  # 6 epochs split [2, 2, 1, 1]: the head phase is epoch 5
@@ -403,3 +418,15 @@ def test_only_the_head_phase_can_be_the_best(tmp_path, digits_teacher, monkeypat
     assert [p.name for p in (run / "checkpoints").glob("best-*.ckpt")] == ["best-epoch005.ckpt"]
     assert "val/teacher_top1_best" in {k for r in rows for k in r}  # the teacher's measurement still counts
     assert load_run(run).best == pytest.approx(100 * top1[5])  # the results table's [best] too
+
+
+def test_default_phase_epochs_give_the_head_a_tenth_and_the_stages_the_rest():
+    def split(plan: str, max_epochs: int) -> list[int]:
+        return stage_epochs(SSKD(student="resnet8", teacher="resnet20", plan=plan, **DIGITS).stages(), max_epochs)
+
+    assert split("stage_by_stage", 60) == [18, 18, 18, 6]
+    assert split("stage_by_stage", 4) == [1, 1, 1, 1]  # the head gets at least one epoch
+    assert split("stage_by_stage", 5) == [2, 1, 1, 1]
+    assert split("joint_mimic", 30) == [27, 3]  # all stages, then the head
+    assert split("joint_ce", 7) == [7]  # one phase
+    assert stage_epochs(SSKD(student="resnet8", teacher="resnet20", **DIGITS).stages(), 8, [2, 2, 2, 2]) == [2] * 4

@@ -39,6 +39,7 @@ def fit(teacher, epochs, *extra):
     )
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_holds_config_identity_metrics_and_summary(in_tmp, teacher, monkeypatch):
     import wandb
 
@@ -71,6 +72,7 @@ def test_offline_wandb_run_holds_config_identity_metrics_and_summary(in_tmp, tea
         assert logged["summary"][key] == pytest.approx(summary[key]), key
 
 
+@pytest.mark.slow
 def test_run_time_adds_up_over_a_resumed_fit(in_tmp, teacher):
     fit(teacher, 1)
     first = json.loads((in_tmp / RUN / "summary.json").read_text())

@@ -20,6 +20,8 @@ class BestCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that skips the epochs whose module says ``selects_best`` is False."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._every_n_train_steps < 1 and self._train_time_interval is None:
+            return  # the default: it saves at epoch ends only, so a training batch has nothing to do
         if selects_best(pl_module):
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 

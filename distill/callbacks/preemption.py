@@ -26,6 +26,8 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 from pytorch_lightning.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from ..errors import ConfigError
+
 REQUEUE_SIGNAL = "SIGUSR1"
 
 
@@ -88,7 +90,9 @@ class PreemptionCheckpoint(pl.Callback):
     ):
         unknown = [name for name in signals if name not in signal.Signals.__members__]
         if unknown:
-            raise ValueError(f"unknown signal(s) {unknown}: expected names such as 'SIGTERM', 'SIGUSR1'")
+            raise ConfigError(
+                f"PreemptionCheckpoint signals: unknown signal(s) {unknown}: expected names like 'SIGTERM', 'SIGUSR1'"
+            )
         self.dirpath, self.filename, self.requeue = dirpath, filename, requeue
         self.signals = [signal.Signals[name] for name in signals]
         self.received: list[int] = []  # signals caught on this rank since training started
@@ -119,6 +123,8 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self.signals or self.stopping or (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # stop only after an optimiser step: accumulated gradients are not checkpointed
+        if trainer.world_size == 1 and not self.received:
+            return  # a single process decides alone: no signal, nothing to do
         if trainer.strategy.reduce_boolean_decision(bool(self.received), all=False):
             self.stopping = True
             self._raise_flag(trainer, True)  # Lightning stops after this step's LR update

@@ -21,7 +21,8 @@ def step_generator(seed: int, step: int, device: torch.device, rank: int = 0) ->
 def random_crop_flip(images: torch.Tensor, pad: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
     """Zero-pad by ``pad``, crop every image back to its size at a uniform offset, flip with p=0.5.
 
-    Two gathers (rows, then columns with the flip folded in) over broadcast, not materialised, indices.
+    One gather from the flattened padded images, at indices built from broadcast per-image row and
+    column offsets (the flip folded into the columns); the draws are rows, columns, then flips.
     """
     n, c, h, w = images.shape
     device = images.device
@@ -34,8 +35,8 @@ def random_crop_flip(images: torch.Tensor, pad: int, flip: bool, generator: torc
     if flip:
         mask = torch.rand(n, device=device, generator=generator) < 0.5
         cols = torch.where(mask[:, None], cols.flip(-1), cols)
-    images = images.gather(2, rows[:, None, :, None].expand(n, c, h, images.shape[3]))
-    return images.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    index = (rows[:, :, None] * images.shape[3] + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+    return images.flatten(2).gather(2, index).view(n, c, h, w)
 
 
 def random_resized_crop_boxes(

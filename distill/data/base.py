@@ -14,8 +14,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from .. import checks
 from .augment import step_generator
 from .distributed import ResumableLoader, split_sampler
+from .splits import train_val_indices
 
 
 class Indexed(Dataset):
@@ -41,7 +43,9 @@ class ClassificationDataModule(pl.LightningDataModule):
 
     ``num_classes``, ``in_chans`` and ``image_size`` are class attributes or set in ``__init__`` so
     the CLI can link them into the model before any data is read. The validation split is the test
-    split unless a subclass says otherwise (the KD literature's CIFAR/ImageNet protocol).
+    split (the KD literature's CIFAR/ImageNet protocol) unless ``val_fraction > 0`` holds a stratified
+    validation split out of the training split (subclasses that take the argument; see
+    :mod:`distill.data.splits`); ``train_fraction`` keeps a stratified share of what is left.
     """
 
     num_classes: int
@@ -49,10 +53,25 @@ class ClassificationDataModule(pl.LightningDataModule):
     image_size: int
 
     def __init__(
-        self, data_dir: str = "data", batch_size: int = 64, num_workers: int = 2, pin_memory: bool = True, seed: int = 0
+        self,
+        data_dir: str = "data",
+        batch_size: int = 64,
+        num_workers: int = 2,
+        pin_memory: bool = True,
+        seed: int = 0,
+        train_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
     ):
         super().__init__()
+        owner = type(self).__name__
+        checks.positive_int(owner, "batch_size", batch_size)
+        checks.non_negative_int(owner, "num_workers", num_workers)
         self.seed = seed
+        checks.fraction(owner, "train_fraction", train_fraction)
+        checks.fraction(owner, "val_fraction", val_fraction, zero=True, one=False)
+        self.train_fraction, self.val_fraction = float(train_fraction), float(val_fraction)
+        self.split_seed = split_seed
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -62,6 +81,16 @@ class ClassificationDataModule(pl.LightningDataModule):
         self.test_set: Dataset | None = None
         self._train_loader: ResumableLoader | None = None
         self._train_position: dict | None = None  # from a checkpoint, for the next training loader
+
+    @property
+    def holds_out_validation(self) -> bool:
+        """Whether validation reads images held out from the training split (else it reads the test split)."""
+        return self.val_fraction > 0
+
+    def split_training(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Indices ``(train, val)`` into a training split of labels ``targets``: ``val`` is empty when
+        ``val_fraction`` is 0 (:func:`distill.data.splits.train_val_indices`)."""
+        return train_val_indices(targets, self.val_fraction, self.train_fraction, self.split_seed)
 
     @property
     def train_targets(self) -> torch.Tensor:

@@ -1,7 +1,10 @@
 """CIFAR-100 from the official python-format files.
 
-Protocol (CRD benchmark, METHODS.md §1): train = random crop 32 with zero padding 4 + horizontal
-flip + normalisation; test = normalisation only; the test split is also the validation split.
+Protocol (CRD benchmark): train = random crop 32 with zero padding 4 + horizontal flip +
+normalisation; test = normalisation only; the test split is also the validation split. Options
+outside the protocol: ``val_fraction`` holds a validation split out of the training split and
+``train_fraction`` keeps a stratified share of the rest (low-data distillation;
+:mod:`distill.data.splits`).
 
 Either pipeline of :mod:`distill.data.tensor` (``pipeline`` argument) applies the same protocol.
 """
@@ -15,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import BadFileError, MissingFileError
 from .tensor import Pipeline, UInt8ImageDataModule
 
 CIFAR100_FOLDER = "cifar-100-python"
@@ -28,6 +32,7 @@ CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 CIFAR100_TGZ_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)
+REEXTRACT = f"replace it with the file of the official archive {CIFAR100_URL}"
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -53,10 +58,10 @@ def load_cifar_pickle(path: Path, keys: tuple[str, ...]) -> dict:
         try:
             entry = _ArrayUnpickler(f, encoding="latin1").load()
         except (pickle.UnpicklingError, EOFError) as error:
-            raise RuntimeError(f"{path}: not a CIFAR python-format file ({error})") from error
+            raise BadFileError(f"{path}: not a CIFAR python-format file ({error}); {REEXTRACT}") from error
     missing = [key for key in keys if not isinstance(entry, dict) or key not in entry]
     if missing:
-        raise RuntimeError(f"{path}: not a CIFAR python-format file (no {', '.join(missing)})")
+        raise BadFileError(f"{path}: not a CIFAR python-format file (no {', '.join(missing)}); {REEXTRACT}")
     return entry
 
 
@@ -83,6 +88,10 @@ class CIFAR100DataModule(UInt8ImageDataModule):
         pipeline: ``"torchvision"`` (per-sample, in workers) or ``"device"`` (per batch, on the device).
         download: fetch and extract the official archive through torchvision when the files are missing.
         verify_md5: check the three files against the official MD5s before reading them.
+        train_fraction: stratified share of the training images (after the validation hold-out) kept.
+        val_fraction: stratified share of the training split held out for validation; 0 (the
+            protocol) validates on the test split.
+        split_seed: seed of both draws, independent of ``seed``: every run of a study sees the same images.
     """
 
     num_classes = 100
@@ -101,8 +110,13 @@ class CIFAR100DataModule(UInt8ImageDataModule):
         pipeline: Pipeline = "torchvision",
         download: bool = False,
         verify_md5: bool = True,
+        train_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
     ):
-        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed, pipeline)
+        super().__init__(
+            data_dir, batch_size, num_workers, pin_memory, seed, pipeline, train_fraction, val_fraction, split_seed
+        )
         self.download = download
         self.verify_md5 = verify_md5
         self.classes: list[str] | None = None
@@ -123,7 +137,7 @@ class CIFAR100DataModule(UInt8ImageDataModule):
     def read_splits(self):
         missing = self._missing()
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"CIFAR-100 not found: {self.folder} lacks {', '.join(missing)} (expected the files "
                 f"{', '.join(CIFAR100_MD5)} of the official python version). Set `download: true` to fetch "
                 f"it, or extract {CIFAR100_URL} into {self.data_dir}."
@@ -132,14 +146,14 @@ class CIFAR100DataModule(UInt8ImageDataModule):
             for name, expected in CIFAR100_MD5.items():
                 actual = file_md5(self.folder / name)
                 if actual != expected:
-                    raise RuntimeError(
+                    raise BadFileError(
                         f"{self.folder / name}: MD5 {actual}, expected {expected} (the official CIFAR-100 file). "
                         "Delete it and download again, or set `verify_md5: false` to read it anyway."
                     )
         meta = load_cifar_pickle(self.folder / "meta", ("fine_label_names",))
         self.classes = list(meta["fine_label_names"])
         if len(self.classes) != self.num_classes:
-            raise ValueError(
+            raise BadFileError(
                 f"{self.folder / 'meta'}: {len(self.classes)} fine_label_names, expected {self.num_classes}"
             )
         return self._read_split("train"), self._read_split("test")
@@ -149,11 +163,11 @@ class CIFAR100DataModule(UInt8ImageDataModule):
         entry = load_cifar_pickle(path, ("data", "fine_labels"))
         data, labels = entry["data"], entry["fine_labels"]
         if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(labels):
-            raise ValueError(
+            raise BadFileError(
                 f"{path}: data {data.dtype} of shape {tuple(data.shape)} with {len(labels)} fine_labels, "
                 "expected uint8 of shape (N, 3072) with N labels"
             )
         targets = torch.tensor(labels, dtype=torch.long)
         if targets.numel() and not 0 <= int(targets.min()) <= int(targets.max()) < self.num_classes:
-            raise ValueError(f"{path}: fine_labels outside 0..{self.num_classes - 1}")
+            raise BadFileError(f"{path}: fine_labels outside 0..{self.num_classes - 1}; {REEXTRACT}")
         return torch.tensor(data).view(-1, 3, 32, 32), targets

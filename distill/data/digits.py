@@ -1,11 +1,12 @@
 """The scikit-learn digits (1,797 8×8 grey images, 10 classes): the embedded default dataset.
 
 It ships inside scikit-learn, so the demo and the fast tests need no download. Project choices:
-a fixed stratified 80/20 split (seed 0, the 20% serves as validation and test), images upscaled
-once to ``image_size`` (default 16, so VGG's four poolings still fit), a random shift of up to
-``pad`` pixels as training augmentation (no flip: digits are not mirror-symmetric), and
-``train_fraction`` to keep a stratified subset of the training split (the demo's students learn
-from 10% of it, where a teacher's soft targets visibly matter; the full digits are too easy).
+a fixed stratified 80/20 split (seed 0; the 20% is the test split, and the validation split unless
+``val_fraction`` holds one out of the 80%), images upscaled once to ``image_size`` (default 16, so
+VGG's four poolings still fit), a random shift of up to ``pad`` pixels as training augmentation (no
+flip: digits are not mirror-symmetric), and ``train_fraction`` to keep a stratified subset of the
+training split (the demo's students learn from 10% of it, where a teacher's soft targets visibly
+matter; the full digits are too easy). Both subsets come from :mod:`distill.data.splits`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from .. import checks
 from .augment import random_crop_flip
 from .base import ClassificationDataModule
+from .splits import stratified_split
 
 DIGITS_SEED = 0
 
@@ -33,19 +36,6 @@ class TensorImages(Dataset):
         return self.images[index], self.targets[index], index
 
 
-def stratified_split(targets: torch.Tensor, test_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices of a per-class split: the same fraction of every class goes to the test side."""
-    generator = torch.Generator().manual_seed(seed)
-    train, test = [], []
-    for cls in targets.unique(sorted=True):
-        members = (targets == cls).nonzero().flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        n_test = round(len(members) * test_fraction)
-        test.append(members[:n_test])
-        train.append(members[n_test:])
-    return torch.cat(train).sort().values, torch.cat(test).sort().values
-
-
 class DigitsDataModule(ClassificationDataModule):
     num_classes = 10
     in_chans = 1
@@ -58,15 +48,17 @@ class DigitsDataModule(ClassificationDataModule):
         pad: int = 2,
         test_fraction: float = 0.2,
         train_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
         seed: int = 0,
     ):
-        super().__init__(data_dir=".", batch_size=batch_size, num_workers=num_workers, pin_memory=False, seed=seed)
+        super().__init__(".", batch_size, num_workers, False, seed, train_fraction, val_fraction, split_seed)
+        checks.positive_int("DigitsDataModule", "image_size", image_size)
+        checks.non_negative_int("DigitsDataModule", "pad", pad)
+        checks.fraction("DigitsDataModule", "test_fraction", test_fraction, one=False)
         self.image_size = image_size
         self.pad = pad
         self.test_fraction = test_fraction
-        if not 0 < train_fraction <= 1:
-            raise ValueError(f"train_fraction={train_fraction}: expected a fraction in (0, 1]")
-        self.train_fraction = train_fraction
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
@@ -81,11 +73,10 @@ class DigitsDataModule(ClassificationDataModule):
         train_idx, test_idx = stratified_split(targets, self.test_fraction, DIGITS_SEED)
         mean, std = images[train_idx].mean(), images[train_idx].std()  # of the whole train split
         images = (images - mean) / std
-        if self.train_fraction < 1:
-            _, kept = stratified_split(targets[train_idx], self.train_fraction, DIGITS_SEED)
-            train_idx = train_idx[kept]
-        self.train_set = TensorImages(images[train_idx], targets[train_idx])
-        self.val_set = self.test_set = TensorImages(images[test_idx], targets[test_idx])
+        kept, val = self.split_training(targets[train_idx])
+        self.train_set = TensorImages(images[train_idx[kept]], targets[train_idx[kept]])
+        self.test_set = TensorImages(images[test_idx], targets[test_idx])
+        self.val_set = TensorImages(images[train_idx[val]], targets[train_idx[val]]) if len(val) else self.test_set
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         if self.pad and self.trainer is not None and self.trainer.training:

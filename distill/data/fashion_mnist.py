@@ -4,7 +4,9 @@ Read from the four original IDX files, gzipped or not, in either layout: a plain
 Fashion-MNIST repository ships them and Debian's ``dataset-fashion-mnist`` installs them, in
 ``/usr/share/datasets/fashion-mnist``) or torchvision's ``data_dir/FashionMNIST/raw/``.
 
-Project choices: the test split is also the validation split; training augmentation is a random crop
+Project choices: the test split is also the validation split unless ``val_fraction`` holds one out
+of the training split (stratified, fixed by ``split_seed``; ``train_fraction`` keeps a stratified
+share of the rest: :mod:`distill.data.splits`); training augmentation is a random crop
 28 with zero padding 2 plus a horizontal flip (a mirrored garment keeps its class, unlike a digit;
 ``flip`` turns it off); normalisation mean 0.2860, std 0.3530 (the training set's). No MD5 check:
 Debian's files are recompressed and differ from torchvision's MD5s; the magic numbers, the sizes
@@ -15,10 +17,13 @@ from __future__ import annotations
 
 import gzip
 import math
+import zlib
 from pathlib import Path
 
 import torch
 
+from .. import checks
+from ..errors import BadFileError, MissingFileError
 from .tensor import Pipeline, UInt8ImageDataModule
 
 FILES = {
@@ -27,6 +32,7 @@ FILES = {
 }
 IMAGES_MAGIC, LABELS_MAGIC = 0x803, 0x801  # uint8 data; last byte = number of dimensions
 SIDE = 28
+REPLACE_HINT = "replace the file with an intact copy (delete it and set `download: true`, or reinstall the dataset)"
 
 
 def read_idx(path: Path, magic: int) -> torch.Tensor:
@@ -34,17 +40,17 @@ def read_idx(path: Path, magic: int) -> torch.Tensor:
     try:
         with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
             data = bytearray(f.read())
-    except (OSError, EOFError) as error:
-        raise ValueError(f"{path}: unreadable ({error})") from error
+    except (OSError, EOFError, zlib.error) as error:  # a damaged .gz raises any of the three
+        raise BadFileError(f"{path}: unreadable ({error}); {REPLACE_HINT}") from error
     ndim = magic & 0xFF
     header = 4 * (1 + ndim)
     found = int.from_bytes(data[:4], "big")
     if len(data) < header or found != magic:
-        raise ValueError(f"{path}: magic number {found:#010x}, expected {magic:#010x}")
+        raise BadFileError(f"{path}: magic number {found:#010x}, expected {magic:#010x}; {REPLACE_HINT}")
     shape = [int.from_bytes(data[4 * i : 4 * i + 4], "big") for i in range(1, ndim + 1)]
     expected = header + math.prod(shape)
     if len(data) != expected:
-        raise ValueError(f"{path}: {len(data)} bytes, expected {expected} for shape {shape}")
+        raise BadFileError(f"{path}: {len(data)} bytes, expected {expected} for shape {shape}; {REPLACE_HINT}")
     return torch.frombuffer(data, dtype=torch.uint8, offset=header).view(shape)
 
 
@@ -62,6 +68,10 @@ class FashionMNISTDataModule(UInt8ImageDataModule):
         pad: zero padding of the training random crop (project choice).
         flip: random horizontal flip in training (project choice).
         download: fetch the files through torchvision into ``data_dir/FashionMNIST/raw`` when missing.
+        train_fraction: stratified share of the training images (after the validation hold-out) kept.
+        val_fraction: stratified share of the training split held out for validation; 0 validates on
+            the test split.
+        split_seed: seed of both draws, independent of ``seed``: every run of a study sees the same images.
     """
 
     num_classes = 10
@@ -80,8 +90,14 @@ class FashionMNISTDataModule(UInt8ImageDataModule):
         pad: int = 2,
         flip: bool = True,
         download: bool = False,
+        train_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
     ):
-        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed, pipeline)
+        super().__init__(
+            data_dir, batch_size, num_workers, pin_memory, seed, pipeline, train_fraction, val_fraction, split_seed
+        )
+        checks.non_negative_int("FashionMNISTDataModule", "pad", pad)
         self.pad, self.flip, self.download = pad, flip, download
 
     @property
@@ -107,7 +123,7 @@ class FashionMNISTDataModule(UInt8ImageDataModule):
     def read_splits(self):
         missing = self._missing()
         if missing:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"Fashion-MNIST not found: no {', '.join(missing)} (.gz or not) "
                 f"in {' or '.join(map(str, self.folders))}. "
                 "Set `download: true`, or install Debian's dataset-fashion-mnist and set "
@@ -119,9 +135,9 @@ class FashionMNISTDataModule(UInt8ImageDataModule):
         images_path, labels_path = self._find(images_stem), self._find(labels_stem)
         images, labels = read_idx(images_path, IMAGES_MAGIC), read_idx(labels_path, LABELS_MAGIC)
         if images.shape[1:] != (SIDE, SIDE):
-            raise ValueError(f"{images_path}: images of {tuple(images.shape[1:])} pixels, expected ({SIDE}, {SIDE})")
+            raise BadFileError(f"{images_path}: images of {tuple(images.shape[1:])} pixels, expected ({SIDE}, {SIDE})")
         if len(labels) != len(images):
-            raise ValueError(f"{labels_path}: {len(labels)} labels for the {len(images)} images of {images_path}")
+            raise BadFileError(f"{labels_path}: {len(labels)} labels for the {len(images)} images of {images_path}")
         if len(labels) and int(labels.max()) >= self.num_classes:
-            raise ValueError(f"{labels_path}: label {int(labels.max())}, expected 0..{self.num_classes - 1}")
+            raise BadFileError(f"{labels_path}: label {int(labels.max())}, expected 0..{self.num_classes - 1}")
         return images.unsqueeze(1), labels.long()

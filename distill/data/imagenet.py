@@ -30,6 +30,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from .. import checks
+from ..errors import BadFileError, ConfigError, MissingFileError
 from .augment import random_resized_crop_boxes
 from .base import ClassificationDataModule, Indexed
 from .jpeg import decode_file, decode_to, read_for_device, torchcodec_decoders
@@ -78,8 +80,9 @@ class ImageNetDataModule(ClassificationDataModule):
         decode: Decode = "pil",
     ):
         super().__init__(data_dir, batch_size, num_workers, pin_memory, seed)
-        if decode not in LOADERS:
-            raise ValueError(f"decode={decode!r}: expected one of {', '.join(map(repr, LOADERS))}")
+        checks.choice("ImageNetDataModule", "decode", decode, LOADERS)
+        checks.positive_int("ImageNetDataModule", "image_size", image_size)
+        checks.positive_int("ImageNetDataModule", "num_classes", num_classes)
         if decode != "pil":
             torchcodec_decoders()
         self.image_size = image_size
@@ -108,7 +111,7 @@ class ImageNetDataModule(ClassificationDataModule):
     def _folder(self, split: str, train: bool) -> ImageFolder:
         root = self.data_dir / split
         if not root.is_dir():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{root} is not a directory: expected {self.data_dir} to hold train/ and val/, "
                 "each with one sub-folder of images per class"
             )
@@ -116,7 +119,7 @@ class ImageNetDataModule(ClassificationDataModule):
         counts = torch.bincount(torch.as_tensor(dataset.targets, dtype=torch.long), minlength=len(dataset.classes))
         empty = [dataset.classes[i] for i in (counts == 0).nonzero().flatten().tolist()]
         if empty:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{root}: class folder(s) {', '.join(empty[:5])}{' …' if len(empty) > 5 else ''} hold no image "
                 f"(extensions {', '.join(IMG_EXTENSIONS)})"
             )
@@ -127,14 +130,14 @@ class ImageNetDataModule(ClassificationDataModule):
             return
         train, val = self._folder("train", train=True), self._folder("val", train=False)
         if len(train.classes) != self.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"{self.data_dir / 'train'} has {len(train.classes)} class folders, "
                 f"expected num_classes={self.num_classes}"
             )
         if val.classes != train.classes:
             only_train = sorted(set(train.classes) - set(val.classes))
             only_val = sorted(set(val.classes) - set(train.classes))
-            raise ValueError(
+            raise BadFileError(
                 f"{self.data_dir}: train/ and val/ hold different class folders "
                 f"(only in train/: {only_train[:5]}, only in val/: {only_val[:5]})"
             )

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import MissingPackageError
+
 # The markers that start a frame header (SOF0-SOF15 without DHT, JPG and DAC).
 _FRAME_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 _NVJPEG_COMPONENTS = (1, 3)
@@ -26,7 +28,7 @@ def torchcodec_decoders():
     try:
         from torchcodec import decoders
     except ImportError as error:
-        raise ImportError(
+        raise MissingPackageError(
             f"decoding images to tensors needs TorchCodec ({error}); install it with "
             "`pip install 'distill[fast-decode]'`, or use decode: pil"
         ) from error

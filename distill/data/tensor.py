@@ -7,17 +7,20 @@
   ``(seed, global_step, rank)``, so a resumed run draws the same crops as an uninterrupted one
   (project choice) and DDP ranks draw independently.
 
-Used by CIFAR-100 and Fashion-MNIST.
+Used by CIFAR-100 and Fashion-MNIST, which both take ``train_fraction``, ``val_fraction`` and
+``split_seed`` (stratified, fixed subsets: :mod:`distill.data.splits`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
+from .. import checks
 from .augment import random_crop_flip
 from .base import ClassificationDataModule
 
@@ -59,10 +62,18 @@ def already_collated(batch):
     return batch
 
 
+@functools.lru_cache(maxsize=16)
+def scale_and_shift(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device):
+    """The per-channel ``(scale, shift)`` of :func:`normalize` on ``device``, made once: a tensor
+    built from a list on a GPU is a synchronous copy, which a training step must not wait for."""
+    scale = torch.tensor([1 / (255 * s) for s in std], device=device).view(1, -1, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=device).view(1, -1, 1, 1)
+    return scale, shift
+
+
 def normalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     """uint8 ``(N, C, H, W)`` → float32 scaled to [0, 1] and normalised per channel, as one scale and shift."""
-    scale = torch.tensor([1 / (255 * s) for s in std], device=images.device).view(1, -1, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(mean, std)], device=images.device).view(1, -1, 1, 1)
+    scale, shift = scale_and_shift(tuple(mean), tuple(std), images.device)
     return images.float().mul_(scale).add_(shift)
 
 
@@ -78,11 +89,19 @@ class UInt8ImageDataModule(ClassificationDataModule):
     flip: bool
 
     def __init__(
-        self, data_dir: str, batch_size: int, num_workers: int, pin_memory: bool, seed: int, pipeline: Pipeline
+        self,
+        data_dir: str,
+        batch_size: int,
+        num_workers: int,
+        pin_memory: bool,
+        seed: int,
+        pipeline: Pipeline,
+        train_fraction: float = 1.0,
+        val_fraction: float = 0.0,
+        split_seed: int = 0,
     ):
-        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed)
-        if pipeline not in ("torchvision", "device"):
-            raise ValueError(f"pipeline={pipeline!r}: expected 'torchvision' or 'device'")
+        super().__init__(data_dir, batch_size, num_workers, pin_memory, seed, train_fraction, val_fraction, split_seed)
+        checks.choice(type(self).__name__, "pipeline", pipeline, ("torchvision", "device"))
         self.pipeline = pipeline
 
     def read_splits(self) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
@@ -93,12 +112,18 @@ class UInt8ImageDataModule(ClassificationDataModule):
         if self.train_set is not None:
             return
         (train_x, train_y), (test_x, test_y) = self.read_splits()
+        train, val = self.split_training(train_y)
+        self.test_set = self.dataset(test_x, test_y, train=False)
+        self.val_set = self.dataset(train_x[val], train_y[val], train=False) if len(val) else self.test_set
+        if len(train) < len(train_y):  # indexing copies: skipped for the whole split
+            train_x, train_y = train_x[train], train_y[train]
+        self.train_set = self.dataset(train_x, train_y, train=True)
+
+    def dataset(self, images: torch.Tensor, targets: torch.Tensor, train: bool) -> UInt8Images:
+        """The pipeline's dataset of one split: whole uint8 batches (``device``) or transformed samples."""
         if self.pipeline == "device":
-            self.train_set, test_set = UInt8Batches(train_x, train_y), UInt8Batches(test_x, test_y)
-        else:
-            self.train_set = UInt8Images(train_x, train_y, self.transform(train=True))
-            test_set = UInt8Images(test_x, test_y, self.transform(train=False))
-        self.val_set = self.test_set = test_set
+            return UInt8Batches(images, targets)
+        return UInt8Images(images, targets, self.transform(train))
 
     def transform(self, train: bool) -> v2.Compose:
         """The per-sample torchvision pipeline: zero-padded random crop and flip when training, then normalise."""

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..models.staged import StagedOutput
 from .term import DistillTerm
 
@@ -47,6 +48,7 @@ class ATTerm(DistillTerm):
 
     def __init__(self, weight: float = 1000.0, p: float = 2.0):
         super().__init__(weight)
+        checks.positive("ATTerm", "p", p)
         self.p = p
 
     def forward(

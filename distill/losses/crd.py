@@ -16,6 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
 from ..models.staged import StagedOutput
 from .term import DistillTerm
 
@@ -288,6 +289,10 @@ class CRDTerm(DistillTerm):
         seed: int = 0,
     ):
         super().__init__(weight)
+        checks.positive_int("CRDTerm", "feat_dim", feat_dim)
+        checks.positive_int("CRDTerm", "num_negatives", num_negatives)
+        checks.positive("CRDTerm", "nce_temperature", nce_temperature)
+        checks.fraction("CRDTerm", "momentum", momentum, zero=True, one=False)
         self.feat_dim = feat_dim
         self.embed_s: nn.Module | None = None
         self.embed_t: nn.Module | None = None

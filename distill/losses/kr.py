@@ -11,7 +11,9 @@ here is the project's reading of it (METHODS.md §6, [chosen]), not the paper's 
   kernels are then matched by centre crop (option: area averaging) when the teacher's is larger and
   bilinear interpolation when it is smaller; a grouped student takes the block diagonal.
 - **Mask**: the top ρ fraction of a layer's entries by magnitude.
-- **Penalty**: R = Σ_l mean((M_l ⊙ (W_S^l − W_D^l))²), in float32.
+- **Penalty**: R = ½ Σ_l Σ (M_l ⊙ (W_S^l − W_D^l))², in float32: a sum over entries, not a mean, so
+  that β·R pulls every masked weight by β·(W_S − W_D), whatever the size of its layer — the form of
+  weight decay λ·W_S, with the prior in place of 0 (β = λ is an equally strong pull).
 
 Pure functions of tensors; the layer matching and the training live in :mod:`distill.methods.kr`.
 """
@@ -23,6 +25,8 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+
+from .. import checks
 
 Grouping = Literal["contiguous", "kmeans"]
 Shrink = Literal["crop", "average"]
@@ -139,8 +143,7 @@ def resize_kernel(weight: torch.Tensor, size: Sequence[int], shrink: Shrink = "c
     area-averaged; a dimension that grows is interpolated bilinearly with aligned corners (a 1×1
     kernel becomes constant; the centre of an odd kernel stays the centre).
     """
-    if shrink not in ("crop", "average"):
-        raise ValueError(f"shrink={shrink!r}: expected 'crop' or 'average'")
+    checks.choice("resize_kernel", "shrink", shrink, ("crop", "average"))
     c_out, c_in, kh, kw = weight.shape
     th, tw = size
     flat = weight.reshape(c_out * c_in, 1, kh, kw)
@@ -176,8 +179,8 @@ def aggregate_weight(
     if grouping == "kmeans":
         dense, _ = densify(weight.double(), groups)
         out_members = kmeans_membership(dense.reshape(dense.shape[0], -1), c_out, seed)
-    elif grouping != "contiguous":
-        raise ValueError(f"grouping={grouping!r}: expected 'contiguous' or 'kmeans'")
+    else:
+        checks.choice("aggregate_weight", "grouping", grouping, ("contiguous", "kmeans"))
     dense = aggregate_channels(weight, c_out, c_in_per_group * target_groups, groups, out_members)
     return take_groups(resize_kernel(dense, (kh, kw), shrink), target_groups)
 
@@ -194,8 +197,7 @@ def top_fraction_mask(reference: torch.Tensor, fraction: float) -> torch.Tensor:
 
     Ties are broken deterministically: among equal magnitudes the lower flat index is kept.
     """
-    if not 0 < fraction <= 1:
-        raise ValueError(f"fraction={fraction}: expected a value in (0, 1]")
+    checks.fraction("top_fraction_mask", "fraction", fraction)
     magnitude = reference.detach().abs().flatten()
     n = magnitude.numel()
     keep = max(1, int(fraction * n + 0.5))
@@ -208,9 +210,11 @@ def top_fraction_mask(reference: torch.Tensor, fraction: float) -> torch.Tensor:
 def prior_penalty(
     weights: Sequence[torch.Tensor], priors: Sequence[torch.Tensor], masks: Sequence[torch.Tensor]
 ) -> torch.Tensor:
-    """R = Σ_l mean((M_l ⊙ (W_S^l − W_D^l))²), the mean over all entries of each layer, in float32.
+    """R = ½ Σ_l Σ (M_l ⊙ (W_S^l − W_D^l))², summed over the entries of every layer, in float32.
 
-    Its gradient w.r.t. W_S^l is 2·M_l ⊙ (W_S^l − W_D^l) / numel(W_S^l): zero outside the mask.
+    Its gradient w.r.t. W_S^l is M_l ⊙ (W_S^l − W_D^l): the same pull on a masked entry of a layer of
+    any size, zero outside the mask ([chosen]: a mean over a layer's entries would pull the entries
+    of a 3×3×64×64 conv 36,864 times more weakly than those of a 1×1×1×1 one).
     """
-    terms = [torch.where(m, w.float() - p.float(), 0.0).square().mean() for w, p, m in zip(weights, priors, masks)]
-    return torch.stack(terms).sum()
+    terms = [torch.where(m, w.float() - p.float(), 0.0).square().sum() for w, p, m in zip(weights, priors, masks)]
+    return 0.5 * torch.stack(terms).sum()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import checks
 from ..models.staged import StagedOutput
 from .term import DistillTerm
 
@@ -53,6 +54,8 @@ class RKDTerm(DistillTerm):
 
     def __init__(self, weight: float = 1.0, distance_weight: float = 25.0, angle_weight: float = 50.0):
         super().__init__(weight)
+        checks.non_negative("RKDTerm", "distance_weight", distance_weight)
+        checks.non_negative("RKDTerm", "angle_weight", angle_weight)
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
 
     def forward(

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
+from .. import checks
 from ..losses.kd import kd_loss
 from ..models import create_model
 from .base import MAIN, DistillModule
+from .card import Network, RunCard
 
 
 class DML(DistillModule):
@@ -24,6 +26,13 @@ class DML(DistillModule):
     """
 
     eval_names = (MAIN, "peer")
+    exported = {"student": Network("student.", "student"), "peer": Network("peer.", "peer")}
+
+    @classmethod
+    def card(cls, args) -> RunCard:
+        """Teacher-less: fills the ``dml`` column of every pair whose student is its first network."""
+        student = args["student"]
+        return RunCard("dml", student, None, (student, args.get("peer") or student), "dml")
 
     def __init__(
         self,
@@ -35,6 +44,9 @@ class DML(DistillModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        checks.positive("DML", "temperature", temperature)
+        checks.non_negative("DML", "ce_weight", ce_weight)
+        checks.non_negative("DML", "kl_weight", kl_weight)
         self.save_hyperparameters()
         self.temperature, self.ce_weight, self.kl_weight = temperature, ce_weight, kl_weight
         self.student = create_model(student, num_classes=self.num_classes, in_chans=self.in_chans)

@@ -22,16 +22,22 @@ floating-point buffers are averaged over the ranks after every training step, so
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from ..losses.kd import kd_loss
 from ..losses.term import DistillTerm
-from ..models import StagedNet, StagedOutput, create_model
+from ..models import StagedNet, StagedOutput, create_model, read_state_dict
+from ..models.staged import dry_run, evaluating
+from ..models.weights import WeightLoadError, file_sha256, load_checkpoint
 from .base import MAIN
+from .card import Network
 from .kd import OfflineKD, unique_names
 
 KBM_STATE_PREFIX = "kbm.net."  # + a teacher state_dict key = the KBM's key in the method's state_dict
@@ -89,7 +95,7 @@ class KnowledgeBridge(nn.Module):
         keep = set().union(*(_tensor_ids(part) for part in bridged))
         _prune_to(net, keep)
         if _tensor_ids(net) != keep:
-            raise ValueError(
+            raise ConfigError(
                 f"{type(net).__name__}: stages {first_stage}.. and the head share modules with the earlier stages"
             )
         self.net, self.first_stage = net, first_stage
@@ -113,6 +119,37 @@ def feature_target(teacher: StagedOutput, kbm: StagedOutput, first_stage: int) -
         kbm.feature.detach(),
         kbm.embedding.detach(),
     )
+
+
+def improved_teacher_state_dict(
+    checkpoint: str | Path, teacher_weights: str | Path | None = None
+) -> dict[str, torch.Tensor]:
+    """The improved teacher of a SOKD checkpoint: the frozen teacher up to the bridge followed by the trained
+    KBM, as a state_dict of the teacher architecture. The teacher's weights are re-read from the file the
+    run recorded (SHA-256 checked; ``teacher_weights`` overrides the path), with its BatchNorm buffers as
+    the checkpoint saved them when the run used ``teacher_bn=train``, and the KBM's weights in place of
+    the teacher's last stages and head."""
+    ckpt = load_checkpoint(checkpoint)
+    record, teacher = ckpt.get("distill_sokd"), ckpt.get("distill_teacher")
+    if record is None or teacher is None:
+        raise WeightLoadError(f"{checkpoint}: not a SOKD checkpoint (no 'distill_sokd' record)")
+    weights = teacher_weights or teacher["weights"]
+    if weights is None:
+        raise WeightLoadError(f"{checkpoint}: the run had no teacher_weights, so there is no teacher to export")
+    if file_sha256(weights) != teacher["sha256"]:
+        raise WeightLoadError(
+            f"{weights} is not the teacher {checkpoint} was trained with (sha256 {teacher['sha256']})"
+        )
+    state = read_state_dict(weights)
+    state.update(record["teacher_buffers"] or {})
+    state.update(
+        {k[len(KBM_STATE_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(KBM_STATE_PREFIX)}
+    )
+    model = create_model(
+        teacher["arch"], num_classes=record["num_classes"], in_chans=record["in_chans"], **record["teacher_kwargs"]
+    )
+    model.load_state_dict(state)  # strict: the export is exactly the teacher architecture
+    return model.state_dict()
 
 
 class SOKD(OfflineKD):
@@ -139,6 +176,10 @@ class SOKD(OfflineKD):
     """
 
     eval_names = (MAIN, "kbm", "teacher")  # student, improved teacher, teacher: every validation
+    exported = {
+        **OfflineKD.exported,
+        "teacher-improved": Network(KBM_STATE_PREFIX, "teacher", "teacher_kwargs", improved_teacher_state_dict),
+    }
 
     def __init__(
         self,
@@ -160,12 +201,18 @@ class SOKD(OfflineKD):
         teacher_kwargs: dict | None = None,
         **kwargs,
     ):
-        if teacher_bn not in ("train", "eval"):
-            raise ValueError(f"teacher_bn must be 'train' or 'eval', got {teacher_bn!r}")
-        if kbm_init not in ("random", "copy"):
-            raise ValueError(f"kbm_init must be 'random' or 'copy', got {kbm_init!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        checks.choice("SOKD", "teacher_bn", teacher_bn, ("train", "eval"))
+        checks.choice("SOKD", "kbm_init", kbm_init, ("random", "copy"))
+        checks.positive("SOKD", "temperature", temperature)
+        for key, weight in (
+            ("kl_weight", kl_weight),
+            ("kbm_ce_weight", kbm_ce_weight),
+            ("kbm_teacher_kl_weight", kbm_teacher_kl_weight),
+            ("kbm_student_kl_weight", kbm_student_kl_weight),
+        ):
+            checks.non_negative("SOKD", key, weight)
+        if kbm_lr is not None:
+            checks.positive("SOKD", "kbm_lr", kbm_lr)
         # The terms are built below, once the KBM exists: its output is their feature target.
         super().__init__(
             student=student,
@@ -189,7 +236,7 @@ class SOKD(OfflineKD):
         self.teacher_kwargs = dict(teacher_kwargs or {})
         n = len(self.teacher.stages)
         if not -n < bridge_stage < n or bridge_stage % n == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"bridge_stage must name one of the stages 1..{n - 1} (or -{n - 1}..-1) of the teacher "
                 f"{teacher!r}, which has {n} stages; got {bridge_stage}"
             )
@@ -207,15 +254,10 @@ class SOKD(OfflineKD):
         """Size the terms' connectors from a dry run (eval mode, batch of 2) against the KBM target."""
         if not len(self.terms):
             return
-        probe = torch.zeros(2, self.in_chans, self.image_size, self.image_size)
-        modes = self.student.training, self.kbm.training
-        self.student.eval()
-        self.kbm.eval()
-        with torch.no_grad():
-            s, t = self.student(probe, features=True), self.teacher(probe, features=True)
+        s = dry_run(self.student, self.in_chans, self.image_size)
+        t = dry_run(self.teacher, self.in_chans, self.image_size)
+        with evaluating(self.kbm):
             target = feature_target(t, self.kbm(t.stages[self.first_stage - 1]), self.first_stage)
-        self.student.train(modes[0])
-        self.kbm.train(modes[1])
         for term in self.terms:
             term.build(s, target)
 
@@ -228,7 +270,7 @@ class SOKD(OfflineKD):
             kbm_group["lr"] = self.kbm_lr * self.base_lr() / self.lr
         return [{"params": [p for p in self.parameters() if p.requires_grad and id(p) not in kbm_ids]}, kbm_group]
 
-    def training_losses(self, images, targets, index):
+    def main_losses(self, images, targets, index):
         s = self.student(images, features=True)
         t = self.teacher_forward(images)  # no grad; batch statistics when teacher_bn="train"
         a = self.kbm(t.stages[self.first_stage - 1].detach())
@@ -246,6 +288,7 @@ class SOKD(OfflineKD):
         return {MAIN: self.student(images), "kbm": kbm, "teacher": t.logits}
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
         if self.teacher_bn == "train" and self.trainer.world_size > 1:
             self._average_teacher_buffers()
 

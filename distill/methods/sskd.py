@@ -2,12 +2,12 @@
 distillation").
 
 Training is decomposed into phases [paper]: in backbone phase k the student's stage k learns,
-without labels, to reproduce the frozen teacher's stage-k output (raw MSE, no attention or Gram
+without labels, to reproduce the frozen teacher's stage-k output (raw squared error, no attention or Gram
 transform) on inputs from the student's own earlier stages; then the backbone is fixed and only the
 task head learns from the labels, so no weight balances a task loss against a distillation loss.
-The :class:`~distill.callbacks.sskd.SSKDPhases` callback owns the epochs of the phases and the LR
-cycle restarted in each; this module derives the phase from ``current_epoch`` (so a resumed run is
-in the right phase) and routes the gradients.
+Each phase is a stage of the run's :class:`~distill.callbacks.stages.StagePlan` (``--stages.*``),
+which owns the epochs of the phases and the LR cycle restarted in each and tells this module the
+phase of every epoch (so a resumed run is in the right phase); this module routes the gradients.
 
 The project's readings of METHODS.md §4 [chosen], each an argument below:
 
@@ -15,6 +15,11 @@ The project's readings of METHODS.md §4 [chosen], each an argument below:
   teacher must have the same number of stages (stage k mimics stage k).
 - A 1x1 conv + BN adapter maps the student's stage k to the teacher's channels only where they
   differ; where spatial sizes differ the larger map is average-pooled to the smaller one.
+- The squared error is summed over channels and averaged over positions and the batch (the squared
+  distance of feature vectors, :func:`mimic_loss`): the element-wise mean gives gradients C times
+  smaller, with which no stage got near its target in a phase and the head phase then fitted a
+  linear classifier to small, poor features (the efficacy study, README: SSKD ended 13 points
+  below the student from scratch on the digits).
 - The head phase trains the head: the layers between the last stage and the pooling where a
   network has them (WRN's final BN; ShuffleV2's and MobileNetV2's 1x1 conv + BN: no other phase
   trains them) and the classifier. ``head_trains="classifier"`` is the literal "only the
@@ -30,23 +35,26 @@ plain ``ddp`` is refused at start-up.
 
 from __future__ import annotations
 
-import bisect
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities.rank_zero import rank_zero_info
 from torch import nn
 
+from .. import checks
+from ..errors import ConfigError
 from ..models import StagedNet, create_model, stage_channels
 from ..models.staged import Chain
+from ..stages import Stage
 from .base import MAIN, DistillModule
 from .teacher import TeacherMixin, build_teacher
 
 PLANS = ("stage_by_stage", "joint_mimic", "joint_ce")
 HEAD_TRAINS = ("classifier", "head", "last_stage_and_head")
+MIMIC_REDUCTIONS = ("channel_sum", "mean")
+HEAD_SHARE = 0.1  # [chosen] share of the epochs that goes to the head phase by default
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,7 @@ def student_parts(net: StagedNet) -> list[nn.Module]:
         Chain(net.stem, stages[0]),
         *stages[1:],
         head.pre,
-        Chain(nn.AdaptiveAvgPool2d(1), nn.Flatten(), head.classifier),
+        head.without_pre(),
     ]
 
 
@@ -100,28 +108,32 @@ def make_adapter(student_channels: int, teacher_channels: int) -> nn.Module:
     return nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False), nn.BatchNorm2d(teacher_channels))
 
 
-def mimic_loss(student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
-    """Raw MSE between stage outputs, in fp32; the larger map is average-pooled to the smaller size."""
+def mimic_loss(
+    student_feature: torch.Tensor, teacher_feature: torch.Tensor, reduction: str = "channel_sum"
+) -> torch.Tensor:
+    """Raw squared error between stage outputs, in fp32; the larger map is average-pooled to the smaller size.
+
+    ``reduction="channel_sum"`` [chosen, default]: the squared distance between the two feature
+    vectors at a position, ‖s − t‖² summed over channels, averaged over positions and the batch. Each
+    feature element then gets the gradient 2(s − t)/(H·W), the scale at which cross-entropy reaches
+    it through global average pooling, so the base LR that trains a network on labels also trains a
+    stage to mimic. ``"mean"``: the element-wise mean (``F.mse_loss``), whose gradients are C times
+    smaller: with it a stage stops far from its target within a phase (see the README's SSKD
+    diagnosis).
+    """
     s, t = student_feature.float(), teacher_feature.float()
     size = (min(s.shape[-2], t.shape[-2]), min(s.shape[-1], t.shape[-1]))
     if s.shape[-2:] != size:
         s = F.adaptive_avg_pool2d(s, size)
     if t.shape[-2:] != size:
         t = F.adaptive_avg_pool2d(t, size)
-    return F.mse_loss(s, t)
-
-
-def require_unused_parameter_search(strategy) -> None:
-    """Refuse DDP without ``find_unused_parameters``: every SSKD phase leaves parameters unused."""
-    if isinstance(strategy, DDPStrategy) and not strategy._ddp_kwargs.get("find_unused_parameters", False):
-        raise ValueError(
-            "SSKD leaves parameters unused in every phase, so DDP must look for them: set "
-            "trainer.strategy to ddp_find_unused_parameters_true (got DDP with find_unused_parameters=False)"
-        )
+    if reduction == "mean":
+        return F.mse_loss(s, t)
+    return (s - t).square().sum(1).mean()
 
 
 class SSKD(TeacherMixin, DistillModule):
-    """Stage-by-stage distillation of ``student`` from a frozen ``teacher``; phases from :class:`SSKDPhases`.
+    """Stage-by-stage distillation of ``student`` from a frozen ``teacher``, one stage of the plan per phase.
 
     Args:
         student: zoo name of the student.
@@ -133,8 +145,11 @@ class SSKD(TeacherMixin, DistillModule):
             ``classifier``, ``head`` or ``last_stage_and_head``.
         freeze_earlier_stages: in backbone phase k, keep stages < k frozen (the paper; ``False`` is
             the option of METHODS.md §4: they learn from stage k's mimic loss too).
-        mimic_weight: weight of every mimic loss; 1 is the paper's raw MSE. Only the ``joint_ce``
+        mimic_weight: weight of every mimic loss (1: the raw squared error). Only the ``joint_ce``
             ablation needs another value, where it balances the cross-entropy.
+        mimic_reduction: ``channel_sum`` [chosen]: squared feature distance per position (summed over
+            channels), averaged over positions and batch; ``mean``: the element-wise mean (C times
+            weaker gradients; the project's reading before the efficacy study). See :func:`mimic_loss`.
         student_kwargs: extra constructor arguments of the student.
         teacher_kwargs: extra constructor arguments of the teacher.
     """
@@ -150,51 +165,68 @@ class SSKD(TeacherMixin, DistillModule):
         head_trains: Literal["classifier", "head", "last_stage_and_head"] = "head",
         freeze_earlier_stages: bool = True,
         mimic_weight: float = 1.0,
+        mimic_reduction: Literal["channel_sum", "mean"] = "channel_sum",
         student_kwargs: dict | None = None,
         teacher_kwargs: dict | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
         self.save_hyperparameters()
-        for key, value, allowed in (("plan", plan, PLANS), ("head_trains", head_trains, HEAD_TRAINS)):
-            if value not in allowed:
-                raise ValueError(f"SSKD {key}={value!r}: expected one of {', '.join(allowed)}")
-        self.mimic_weight = mimic_weight
+        checks.choice("SSKD", "plan", plan, PLANS)
+        checks.choice("SSKD", "head_trains", head_trains, HEAD_TRAINS)
+        checks.choice("SSKD", "mimic_reduction", mimic_reduction, MIMIC_REDUCTIONS)
+        checks.non_negative("SSKD", "mimic_weight", mimic_weight)
+        self.mimic_weight, self.mimic_reduction = mimic_weight, mimic_reduction
         self.student = create_model(
             student, num_classes=self.num_classes, in_chans=self.in_chans, **(student_kwargs or {})
         )
+        student_parts(self.student)  # refuses, now, a student that cannot run stage by stage
         self.attach_teacher(*build_teacher(teacher, teacher_weights, self.num_classes, self.in_chans, teacher_kwargs))
         s_channels = stage_channels(self.student, self.in_chans, self.image_size)
         t_channels = stage_channels(self.teacher, self.in_chans, self.image_size)
         if len(s_channels) != len(t_channels):
-            raise ValueError(
+            raise ConfigError(
                 f"SSKD matches student stage k with teacher stage k, but student {student} has "
                 f"{len(s_channels)} stages and teacher {teacher} has {len(t_channels)}"
             )
         self.adapters = nn.ModuleList(make_adapter(s, t) for s, t in zip(s_channels, t_channels))
         self.phases = plan_phases(plan, len(s_channels), head_trains, freeze_earlier_stages)
-        self.phase_bounds: list[int] | None = None  # epochs where the phases start, then the end; set by SSKDPhases
 
-    # ---- phases ------------------------------------------------------------------------------
-    def set_phase_epochs(self, epochs: Sequence[int]) -> None:
-        """Called by :class:`SSKDPhases` at fit setup with the epochs of every phase."""
-        if len(epochs) != len(self.phases):
-            raise ValueError(f"SSKD has {len(self.phases)} phases ({self.phase_names()}), got epochs for {len(epochs)}")
-        self.phase_bounds = [sum(epochs[:i]) for i in range(len(epochs) + 1)]
+    # ---- phases (the stages of the StagePlan callback) ----------------------------------------
+    def stages(self) -> list[Stage]:
+        """One stage per phase, each with its own cosine cycle ([chosen]; ``--stages.lr step`` is the
+        step-schedule ablation). [chosen] Unless ``--stages.epochs`` says otherwise, the head phase (the
+        last of two or more) gets ``HEAD_SHARE`` of the epochs, at least one, and the phases before it
+        an equal split of the rest (CIFAR ResNets: 72/72/72/24 of 240). Why not an equal split: the
+        head phase fits a linear classifier to frozen features, which takes a few epochs, while a
+        stage's mimic loss is still falling at the end of an equal share; on the digits the equal
+        split left SSKD below the student from scratch (README: the efficacy study)."""
+        last = len(self.phases) - 1
+        share = HEAD_SHARE if last else None
+        return [
+            Stage(p.name, lr="cyclic", share=share if i == last else None, spec=p) for i, p in enumerate(self.phases)
+        ]
 
     def phase_names(self) -> str:
         return ", ".join(p.name for p in self.phases)
 
     @property
     def phase_index(self) -> int:
-        """0-based index of the phase that contains ``current_epoch`` (the last one past the end)."""
-        if self.phase_bounds is None:
-            raise RuntimeError("SSKD has no phase epochs: add the SSKDPhases callback to trainer.callbacks")
-        return bisect.bisect_right(self.phase_bounds[:-1], self.current_epoch) - 1
+        """0-based index of the current phase; the last one (the trained student) outside a fit."""
+        return len(self.phases) - 1 if self.stage_index is None else self.stage_index
 
     @property
     def phase(self) -> Phase:
         return self.phases[self.phase_index]
+
+    def on_stage(self, index: int, stage: Stage) -> None:
+        """Enter the phase of this epoch: announce it at its start (or on resume), re-apply train/eval modes."""
+        announce = index != self.entered_stage
+        super().on_stage(index, stage)
+        if announce:
+            start, end = self.stage_bounds[index], self.stage_bounds[index + 1]
+            resumed = "" if self.current_epoch == start else f", resumed at epoch {self.current_epoch}"
+            rank_zero_info(f"{self.describe_phase()} (epochs {start}-{end - 1}{resumed})")
 
     @property
     def selects_best(self) -> bool:
@@ -222,50 +254,41 @@ class SSKD(TeacherMixin, DistillModule):
         parts = student_parts(self.student)
         return parts[phase.first : phase.last + 1] + [self.adapters[k] for k in phase.mimic]
 
-    def frozen_modules(self, phase: Phase) -> list[nn.Module]:
-        parts = student_parts(self.student)
+    def frozen_modules(self) -> list[nn.Module]:
+        """What the current phase does not train (run without autograd, BatchNorm in eval mode)."""
+        if self.stage_index is None:
+            return []
+        phase, parts = self.phase, student_parts(self.student)
         return (
             parts[: phase.first]
             + parts[phase.last + 1 :]
             + [a for k, a in enumerate(self.adapters) if k not in phase.mimic]
         )
 
-    def train(self, mode: bool = True):
-        """Train mode for what the phase trains; frozen parts (BatchNorm included) stay in eval mode."""
-        super().train(mode)
-        if mode and self.phase_bounds is not None:
-            for module in self.frozen_modules(self.phase):
-                module.eval()
-        return self
+    def trained_parameters(self) -> list[nn.Parameter] | None:
+        if self.stage_index is None:
+            return None
+        return [p for module in self.trained_modules(self.phase) for p in module.parameters()]
 
     # ---- Lightning hooks -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        if stage != "fit":
-            return
-        if self.phase_bounds is None:
-            raise ValueError(
-                "SSKD needs the SSKDPhases callback in trainer.callbacks (a --trainer.callbacks=[...] on the "
-                "command line replaces the YAML list; append with --trainer.callbacks+=...)"
+        if stage == "fit" and self.stage_bounds is None:
+            raise ConfigError(
+                "SSKD needs the distill.callbacks.StagePlan callback in trainer.callbacks (the distill CLI adds it)"
             )
-        require_unused_parameter_search(self.trainer.strategy)
 
-    def on_train_epoch_start(self) -> None:
-        self.train()  # a new epoch may start a new phase: re-apply its train/eval modes
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Clear the gradients of frozen parameters: SGD then skips them (no momentum, no weight decay)."""
-        trained = {id(p) for module in self.trained_modules(self.phase) for p in module.parameters()}
-        for p in self.parameters():
-            if id(p) not in trained:
-                p.grad = None
+    @property
+    def leaves_parameters_unused(self) -> bool:
+        """Every phase trains part of the student only."""
+        return True
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self.trainer.sanity_checking or self.phase_bounds is None:
+        if self.trainer.sanity_checking or self.stage_index is None:
             return
         index = self.phase_index
         metric = self.metrics["val_main"]["top1"]
-        if self.current_epoch == self.phase_bounds[index + 1] - 1 and metric.update_count:
+        if self.current_epoch == self.stage_bounds[index + 1] - 1 and metric.update_count:
             suffix = "" if self.phase.ce else "_untrained_head"
             self.log(f"val/top1_end_of_phase{index + 1}{suffix}", metric.compute())
 
@@ -290,13 +313,14 @@ class SSKD(TeacherMixin, DistillModule):
         return stages, x if phase.last == len(parts) - 1 else None
 
     def mimic_losses(self, images: torch.Tensor, stages: list[torch.Tensor], phase: Phase) -> dict[str, torch.Tensor]:
-        """``mimic_stage<k>`` (1-based) for every mimicked stage: MSE(A_k(f_s^k), f_t^k), weighted."""
+        """``mimic_stage<k>`` (1-based) for every mimicked stage: squared error of A_k(f_s^k) and f_t^k, weighted."""
         if not phase.mimic:
             return {}
         with torch.no_grad():
             teacher = self.teacher.forward_stages(images, upto=max(phase.mimic) + 1)
         return {
-            f"mimic_stage{k + 1}": self.mimic_weight * mimic_loss(self.adapters[k](stages[k]), teacher[k])
+            f"mimic_stage{k + 1}": self.mimic_weight
+            * mimic_loss(self.adapters[k](stages[k]), teacher[k], self.mimic_reduction)
             for k in phase.mimic
         }
 
@@ -309,7 +333,3 @@ class SSKD(TeacherMixin, DistillModule):
         if phase.ce:
             losses["ce"] = F.cross_entropy(logits.float(), targets)
         return losses, logits
-
-    def training_step(self, batch, batch_idx):
-        self.log("phase", float(self.phase_index + 1), on_step=False, on_epoch=True, batch_size=len(batch[1]))
-        return super().training_step(batch, batch_idx)

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from ..models import create_model, load_weights
 from .base import DistillModule
+from .card import Network, RunCard
 
 
 class Supervised(DistillModule):
@@ -16,6 +17,14 @@ class Supervised(DistillModule):
         model_kwargs: extra constructor arguments of the architecture.
         weights: optional checkpoint or state_dict to start from.
     """
+
+    exported = {"student": Network("model.", "model", "model_kwargs")}
+
+    @classmethod
+    def card(cls, args) -> RunCard:
+        """A from-scratch run fills the ``student`` column of the pairs it is the student of and the
+        ``teacher`` column of those it is the teacher of."""
+        return RunCard("supervised", args["model"], None, (args["model"],), "student", "teacher")
 
     def __init__(self, model: str = "resnet56", model_kwargs: dict | None = None, weights: str | None = None, **kwargs):
         super().__init__(**kwargs)

@@ -1,8 +1,9 @@
 """A frozen teacher that stays out of the optimiser, the checkpoint, DDP and SyncBatchNorm.
 
 The teacher is held as a plain attribute, not a registered child (DESIGN.md pitfalls): it is not in
-``state_dict`` (the checkpoint records its path and SHA-256 instead), DDP neither wraps nor
-broadcasts it, ``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.
+``state_dict`` (the checkpoint records its weights file and SHA-256 instead, and the name the file was
+resolved from, such as ``timm:resnet50.a1_in1k``), DDP neither wraps nor broadcasts it,
+``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.
 Device and dtype moves still reach it through :meth:`TeacherMixin._apply`.
 """
 
@@ -14,8 +15,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import ConfigError, MissingFileError
 from ..models import StagedNet, create_model, load_weights
+from ..models.pretrained import is_named, resolve_named
 from ..models.weights import file_sha256
+from ..run_dirs import run_checkpoint
 
 
 def load_plain(teacher: nn.Module, weights: str | None) -> None:
@@ -33,18 +37,27 @@ def build_teacher(
     weights_key: str = "teacher_weights",
 ) -> tuple[StagedNet, dict]:
     """Create the teacher, ``load`` its weights (PWKD passes a slimmable loader), freeze it; return
-    it with a record of where it came from. ``weights_key`` is the argument a missing file is named by."""
-    if weights and not Path(weights).is_file():
-        raise FileNotFoundError(
+    it with a record of where it came from. ``weights`` is a path, a name resolved from the local cache
+    (:mod:`distill.models.pretrained`), or a run directory (:func:`distill.run_dirs.run_checkpoint`:
+    ``runs/<name>`` is the newest finished run of that name; the record holds the file used);
+    ``weights_key`` is the argument a missing file is named by."""
+    if is_named(weights):
+        file = resolve_named(weights, name, weights_key)
+    else:
+        file = weights = run_checkpoint(weights, weights_key) if weights else weights
+    if file and not Path(file).is_file():
+        raise MissingFileError(
             f"teacher checkpoint {weights!r} ({name}) does not exist: train the teacher first "
             "(the config that sets this path "
             f"names, in its comments, the run that writes it) or set model.init_args.{weights_key}"
         )
     teacher = create_model(name, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {}))
-    load(teacher, weights)
+    load(teacher, str(file) if file else None)
     info = {"arch": name, "weights": None, "sha256": None}
     if weights:
-        info.update(weights=str(Path(weights)), sha256=file_sha256(weights))
+        info.update(weights=str(Path(file)), sha256=file_sha256(file))
+    if is_named(weights):
+        info["name"] = weights
     teacher.requires_grad_(False)
     teacher.eval()
     return teacher, info
@@ -74,8 +87,9 @@ class TeacherMixin:
 
     def on_train_batch_start(self, batch, batch_idx) -> None:
         # Lightning does not call ``train()`` when fitting starts and, after validation, restores the
-        # modes of registered modules only: the unregistered teacher's mode is set here.
-        self.teacher.train(self.teacher_train_mode)
+        # modes of registered modules only: the unregistered teacher's mode is set here (when it differs).
+        if self.teacher.training != self.teacher_train_mode:
+            self.teacher.train(self.teacher_train_mode)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -85,7 +99,7 @@ class TeacherMixin:
         super().on_load_checkpoint(checkpoint)
         saved = checkpoint.get("distill_teacher")
         if saved and saved.get("sha256") != self.teacher_info.get("sha256"):
-            raise RuntimeError(
+            raise ConfigError(
                 f"the teacher weights differ from those the checkpoint was trained with: checkpoint has "
                 f"{saved.get('weights')} (sha256 {saved.get('sha256')}), this run loads "
                 f"{self.teacher_info.get('weights')} (sha256 {self.teacher_info.get('sha256')})"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torchvision
 from torch import nn
+from torchvision.models.resnet import Bottleneck
 
 from .registry import register
 from .staged import Chain, Head, StagedNet
@@ -30,8 +31,28 @@ class TorchvisionNet(StagedNet):
                 self.add_module(name, child)
 
 
+def residual_preact(block: nn.Module, x):
+    """A torchvision residual block's sum before its final ReLU (its ``forward`` without that ReLU)."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    else:
+        out = block.bn2(block.conv2(out))
+    return out + (x if block.downsample is None else block.downsample(x))
+
+
+def last_norm(block: nn.Module) -> nn.Module:
+    return block.bn3 if isinstance(block, Bottleneck) else block.bn2
+
+
 class ResNet(TorchvisionNet):
-    """Stem conv1-bn1-relu-maxpool, stages layer1..layer4, head ``fc``."""
+    """Stem conv1-bn1-relu-maxpool, stages layer1..layer4, head ``fc``.
+
+    Pre-activations: each stage's last residual sum before its ReLU; BatchNorm: that block's last one.
+    """
+
+    defines_preacts = True
 
     def __init__(self, net: torchvision.models.ResNet, in_chans: int = 3):
         super().__init__(net)
@@ -49,9 +70,20 @@ class ResNet(TorchvisionNet):
     def head(self):
         return Head(self.fc)
 
+    block_preact = staticmethod(residual_preact)
+
+    def preact_norms(self):
+        return [last_norm(stage[-1]) for stage in self.stages]
+
 
 class MobileNetV2(TorchvisionNet):
-    """Stem ``features[0]``; stages end at strides 4, 8, 16, 32; the last 1x1 conv is the head's ``pre``."""
+    """Stem ``features[0]``; stages end at strides 4, 8, 16, 32; the last 1x1 conv is the head's ``pre``.
+
+    Pre-activations: the stage outputs themselves (linear bottlenecks); BatchNorm: the last one of
+    each stage's last block.
+    """
+
+    defines_preacts = True
 
     STAGES = [(1, 4), (4, 7), (7, 14), (14, 18)]
 
@@ -70,6 +102,13 @@ class MobileNetV2(TorchvisionNet):
     @property
     def head(self):
         return Head(self.classifier, self.features[-1])
+
+    def stage_preact(self, index, x):
+        out = self.stages[index](x)
+        return out, out
+
+    def preact_norms(self):
+        return [self.features[end - 1].conv[-1] for _, end in self.STAGES]
 
 
 @register("resnet18")

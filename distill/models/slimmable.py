@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .staged import evaluating, probe
 from .weights import load_weights, read_state_dict
 
 DEFAULT_WIDTHS = (0.25, 0.5, 0.75, 1.0)
@@ -101,6 +102,10 @@ class SlimmableBatchNorm2d(nn.BatchNorm2d, Slimmable):
 
     per_width: nn.ModuleDict
 
+    def active(self) -> nn.BatchNorm2d:
+        """The BatchNorm the active width runs."""
+        return self if self.width == 1.0 else self.per_width[width_name(self.width)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.width == 1.0:
             return super().forward(x)
@@ -167,29 +172,25 @@ def make_slimmable(model: nn.Module, widths: Sequence[float] = DEFAULT_WIDTHS, i
 def _size_batchnorms(model: nn.Module, image_size: int) -> None:
     """Dry run at every narrow width; each BatchNorm adds its private copy for the channels it sees."""
     stem = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
-    param = next(model.parameters())
-    probe = torch.zeros(2, stem.in_channels, image_size, image_size, device=param.device, dtype=param.dtype)
+    images = probe(model, stem.in_channels, image_size)
 
     def add_width(bn, inputs):
         if width_name(bn.width) not in bn.per_width:
             bn.add_width(bn.width, inputs[0].shape[1])
 
     hooks = [m.register_forward_pre_hook(add_width) for m in model.modules() if isinstance(m, SlimmableBatchNorm2d)]
-    was_training = model.training
-    model.eval()
     try:
-        for width in model.slimmable_widths[:-1]:
-            set_width(model, width)
-            try:
-                with torch.no_grad():
-                    model(probe)
-            except (RuntimeError, ValueError) as err:
-                raise ValueError(f"{type(model).__name__} cannot run at width {width}: {err}") from err
+        with evaluating(model):
+            for width in model.slimmable_widths[:-1]:
+                set_width(model, width)
+                try:
+                    model(images)
+                except (RuntimeError, ValueError) as err:
+                    raise ValueError(f"{type(model).__name__} cannot run at width {width}: {err}") from err
     finally:
         for hook in hooks:
             hook.remove()
         set_width(model, 1.0)
-        model.train(was_training)
 
 
 def set_width(model: nn.Module, width: float) -> None:

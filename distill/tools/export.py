@@ -28,17 +28,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..finite import NonFiniteError, nonfinite_tensors, nonfinite_weights_message
+from ..methods.card import Network, method_class
 from ..models import create_model, read_state_dict
 from ..models.slimmable import checkpoint_widths, make_slimmable, set_width
-from ..models.weights import WeightLoadError, file_sha256
+from ..models.weights import WeightLoadError, file_sha256, load_checkpoint
 
 FORMATS = ("pt", "safetensors", "torchscript", "onnx")
 SUFFIXES = {"pt": ".pt", "safetensors": ".safetensors", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
-NETWORKS = ("student", "peer", "teacher-improved")
 
 
 @dataclass
-class Network:
+class ExportedNetwork:
     """A network read from a checkpoint, in eval mode, with what is needed to rebuild it."""
 
     model: nn.Module
@@ -80,6 +81,16 @@ def _hparam(hparams: dict, override, key: str, path: Path):
     return value
 
 
+def checkpoint_networks(hparams: dict) -> dict[str, Network]:
+    """The networks a method checkpoint holds, as its method class declares them (``exported``); for a
+    checkpoint written outside the CLI (no ``_class_path``), the trained network under ``student.`` or
+    ``model.``."""
+    if "_class_path" in hparams:
+        return method_class(hparams["_class_path"]).exported
+    arch_arg = "student" if "student" in hparams else "model"
+    return {"student": Network(f"{arch_arg}.", arch_arg, f"{arch_arg}_kwargs")}
+
+
 def load_network(
     checkpoint: str | Path,
     network: str = "student",
@@ -88,29 +99,28 @@ def load_network(
     num_classes: int | None = None,
     in_chans: int | None = None,
     image_size: int | None = None,
-) -> Network:
+) -> ExportedNetwork:
     """Rebuild ``network`` of ``checkpoint`` (a method's ``.ckpt`` or a plain state_dict)."""
     path = Path(checkpoint)
-    if network not in NETWORKS:
-        raise ValueError(f"unknown network {network!r}; expected one of {', '.join(NETWORKS)}")
-    if network == "teacher-improved":
-        from .improved_teacher import improved_teacher_state_dict
-
-        state = improved_teacher_state_dict(path)
-    else:
-        state = read_state_dict(path, prefix="peer." if network == "peer" else None)  # readable, so safe
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = ckpt.get("hyper_parameters") or {}
-    kwargs = hparams.get("model_kwargs") or hparams.get("student_kwargs") or {}
-    if network == "teacher-improved":
-        arch = arch or (ckpt.get("distill_teacher") or {}).get("arch")
-        kwargs = hparams.get("teacher_kwargs") or {}
-    elif network == "peer":
-        arch = arch or hparams.get("peer") or hparams.get("student")
-    else:
-        arch = arch or hparams.get("student") or hparams.get("model")
+    state = read_state_dict(path)  # readable, so safe to load again below
+    ckpt = load_checkpoint(path)
+    hparams = (ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None) or {}
+    kwargs = {}
+    if hparams:
+        networks = checkpoint_networks(hparams)
+        if network not in networks:
+            raise ValueError(
+                f"{path}: --network {network!r} is not a network of this checkpoint's method; it has "
+                + ", ".join(networks)
+            )
+        spec = networks[network]
+        state = spec.assemble(path) if spec.assemble else read_state_dict(path, prefix=spec.prefix)
+        arch = arch or hparams.get(spec.arch_arg)
+        kwargs = hparams.get(spec.kwargs_arg) or {}
+    elif network != "student":
+        raise ValueError(f"{path}: a plain state_dict holds one network; --network {network!r} needs a run's .ckpt")
     if not arch:
-        raise KeyError(f"{path}: no architecture in hyper_parameters ('student' or 'model'); pass --arch")
+        raise KeyError(f"{path}: no architecture in hyper_parameters; pass --arch")
     shape = {
         "num_classes": _hparam(hparams, num_classes, "num_classes", path),
         "in_chans": _hparam(hparams, in_chans, "in_chans", path),
@@ -122,6 +132,9 @@ def load_network(
         make_slimmable(model, widths, shape["image_size"])
     elif width is not None:
         raise ValueError(f"{path}: --width {width} needs a slimmable network (a SlimmableSupervised checkpoint)")
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NonFiniteError(nonfinite_weights_message(f"{path}: the {network}", bad))
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
@@ -129,11 +142,11 @@ def load_network(
     if widths != (1.0,):
         width = 1.0 if width is None else width
         set_width(model, width)
-    return Network(model.eval(), arch, width=width, source=path, **shape)
+    return ExportedNetwork(model.eval(), arch, width=width, source=path, **shape)
 
 
 def export(
-    net: Network, out: str | Path, formats=FORMATS, network: str = "student", name: str | None = None
+    net: ExportedNetwork, out: str | Path, formats=FORMATS, network: str = "student", name: str | None = None
 ) -> dict[str, Path]:
     """Write ``net`` in every format of ``formats`` to ``out``; return ``{format: path}``."""
     unknown = set(formats) - set(FORMATS)
@@ -147,14 +160,12 @@ def export(
     if "pt" in paths:
         torch.save(net.state_dict(), paths["pt"])
     if "safetensors" in paths:
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         tensors = {k: v.detach().clone().contiguous() for k, v in net.state_dict().items()}
-        save_file(
-            tensors,
-            paths["safetensors"],
-            {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()},
-        )
+        header = {k: json.dumps(v) if not isinstance(v, str) else v for k, v in metadata.items()}
+        # written by Python, not by safetensors' save_file (mode 0600): the umask applies as to the other files
+        paths["safetensors"].write_bytes(save(tensors, metadata=header))
     example = net.example()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript and the TorchScript-based ONNX exporter
@@ -178,21 +189,46 @@ def export(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="distill export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("checkpoint", help="a run's .ckpt (any method) or a plain state_dict")
-    parser.add_argument("--out", default="export", help="output directory (default: export/)")
-    parser.add_argument("--network", choices=NETWORKS, default="student")
-    parser.add_argument("--width", type=float, help="width of a slimmable network (PWKD teacher)")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    parser.add_argument("--name", help="file name stem (default: the architecture)")
-    parser.add_argument("--arch", help="architecture, when the checkpoint has no hyper_parameters")
-    parser.add_argument("--num-classes", type=int)
-    parser.add_argument("--in-chans", type=int)
-    parser.add_argument("--image-size", type=int, help="input side used to trace (default: the run's)")
-    args = parser.parse_args(argv)
-    net = load_network(
-        args.checkpoint, args.network, args.width, args.arch, args.num_classes, args.in_chans, args.image_size
+    parser = argparse.ArgumentParser(
+        prog="distill export",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Export a trained network from any method's checkpoint: a plain state_dict (.pt) with the\n"
+        "classic key names, .safetensors, TorchScript (traced) and ONNX (dynamic batch), and a .json with\n"
+        "the architecture, the input shape and the source checkpoint's SHA-256.",
+        epilog="example:\n  distill export runs/<name>/version_<n>/checkpoints/last.ckpt --out export/ --formats onnx",
     )
+    parser.add_argument("checkpoint", help="a run's .ckpt (any method), or a plain state_dict (then give --arch)")
+    parser.add_argument("--out", default="export", help="output directory (default: export/)")
+    parser.add_argument(
+        "--network",
+        default="student",
+        help="which network: the method's trained one (student, the default; a Supervised run's model), DML's "
+        "peer, or SOKD's improved teacher (teacher-improved); the error lists a checkpoint's networks",
+    )
+    parser.add_argument(
+        "--width",
+        type=float,
+        help="width of a slimmable network (a PWKD teacher trained by SlimmableSupervised); default 1.0",
+    )
+    parser.add_argument(
+        "--formats",
+        nargs="+",
+        choices=FORMATS,
+        default=list(FORMATS),
+        help=f"formats to write (default: all of {' '.join(FORMATS)})",
+    )
+    parser.add_argument("--name", help="file name stem (default: the architecture, with _w<width> when narrower)")
+    parser.add_argument("--arch", help="architecture, for a checkpoint without hyper_parameters (a plain state_dict)")
+    parser.add_argument("--num-classes", type=int, help="classes, for a checkpoint without hyper_parameters")
+    parser.add_argument("--in-chans", type=int, help="input channels, for a checkpoint without hyper_parameters")
+    parser.add_argument("--image-size", type=int, help="input side used to trace and check (default: the run's)")
+    args = parser.parse_args(argv)
+    try:
+        net = load_network(
+            args.checkpoint, args.network, args.width, args.arch, args.num_classes, args.in_chans, args.image_size
+        )
+    except NonFiniteError as error:
+        raise SystemExit(f"distill export: {error}") from None
     for path in export(net, args.out, args.formats, args.network, args.name).values():
         print(path)
 

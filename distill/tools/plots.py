@@ -2,7 +2,7 @@
 
 - ``val_top1_<dataset>_<teacher>-<student>.png``: validation top-1 per epoch of every method (mean
   over seeds, the band from the lowest to the highest seed), with stages shaded in alternating bands
-  where a run logs a ``stage``/``phase`` metric (PWKD ``pwkd/stage``, SSKD ``phase``).
+  where a run logs the stage plan's ``stage`` metric (PWKD's widths, SSKD's phases).
 - ``lr_<...>.png``: the learning rate per optimiser step of every method (its first run).
 """
 
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from .results import Cell, Row, Table, row_label
 from .runs import series, stage_starts
+from .table import Cell, Row, Table, row_label
 
 
 def row_slug(row: Row) -> str:
@@ -40,28 +40,36 @@ def shade_stages(ax, starts: list[int], end: float) -> None:
         ax.axvline(s - 0.5, color="0.4", ls=":", lw=0.8)
 
 
+def plot_mean_curve(ax, runs: list, label: str, band: str = "range", key: str = "val/top1") -> tuple[set[int], int]:
+    """The mean over ``runs`` of ``key`` (a fraction, drawn in %) per epoch, with a band from the lowest to
+    the highest run (``band="range"``) or of ±1 sample std (``"std"``). Returns the runs' stage starts
+    and the last epoch drawn."""
+    per_epoch: dict[int, list[float]] = {}
+    starts: set[int] = set()
+    for run in runs:
+        for epoch, value in series(run.metrics, key):
+            per_epoch.setdefault(epoch, []).append(100 * value)
+        starts.update(stage_starts(run.metrics))
+    epochs = sorted(per_epoch)
+    means = [statistics.fmean(per_epoch[e]) for e in epochs]
+    (line,) = ax.plot(epochs, means, label=f"{label} (n={len(runs)})")
+    if len(runs) > 1:
+        if band == "std":
+            spread = [statistics.stdev(per_epoch[e]) if len(per_epoch[e]) > 1 else 0.0 for e in epochs]
+            low, high = [m - s for m, s in zip(means, spread)], [m + s for m, s in zip(means, spread)]
+        else:
+            low, high = [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs]
+        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.2, lw=0)
+    return starts, max(epochs, default=0)
+
+
 def val_top1_figure(table: Table, row: Row) -> Figure:
     fig = Figure(figsize=(7, 4.2), layout="constrained")
     ax = fig.subplots()
     starts, last_epoch = set(), 0
     for method, cell in method_cells(table, row).items():
-        per_epoch: dict[int, list[float]] = {}
-        for run in cell.runs:
-            for epoch, value in series(run.metrics, "val/top1"):
-                per_epoch.setdefault(epoch, []).append(100 * value)
-            starts.update(stage_starts(run.metrics))
-        epochs = sorted(per_epoch)
-        last_epoch = max([last_epoch, *epochs])
-        (line,) = ax.plot(epochs, [statistics.fmean(per_epoch[e]) for e in epochs], label=f"{method} (n={cell.n})")
-        if cell.n > 1:
-            ax.fill_between(
-                epochs,
-                [min(per_epoch[e]) for e in epochs],
-                [max(per_epoch[e]) for e in epochs],
-                color=line.get_color(),
-                alpha=0.2,
-                lw=0,
-            )
+        cell_starts, cell_end = plot_mean_curve(ax, cell.runs, method)
+        starts, last_epoch = starts | cell_starts, max(last_epoch, cell_end)
     shade_stages(ax, sorted(starts), last_epoch)
     ax.set(xlabel="epoch", ylabel="val top-1 (%)", title=row_label(row) + (" (stages shaded)" if starts else ""))
     ax.grid(alpha=0.3)

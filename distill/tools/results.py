@@ -3,19 +3,24 @@
     python -m distill.tools.results runs/ [--out results/] [--format md|csv]
 
 Every run directory (``metrics.csv`` + ``config.yaml``, see :mod:`distill.tools.runs`) is identified
-from its ``config.yaml``, never from its path: the dataset (``data.class_path``), the method
-(``model.class_path``; an ``OfflineKD`` run is named by its terms, e.g. ``kd`` or ``crd+kd``, another
-method with terms by both, e.g. ``pwkd:kd``), the networks (``teacher``/``student``, or ``model``)
-and the seed (``seed_everything``). A cell is the last-epoch val top-1 (%) as mean ± sample std over
-seeds, with the mean best-epoch top-1 in brackets (METHODS.md §1; the run's ``val/top1_best`` where
-it logged one, so SSKD's backbone phases do not count). A ``Supervised`` run fills the
-``student`` column of every pair with its network as student and the ``teacher`` column of every pair
-with it as teacher; other teacher-less runs (DML) fill every pair with their student. Of two runs
-with the same seed in a cell, the one with more epochs (then the newer) counts. Runs whose configs
-differ in anything but the seed, paths and workers (model, data, epochs, and the arguments of
-``distill.callbacks`` such as PWKD's stages) are told apart by a label such as
-``sskd (plan=joint)``. ``--out`` also writes ``results.csv`` (one line per cell) and the plots of
+from its ``config.yaml``, never from its path: the dataset (``data.class_path``), the seed
+(``seed_everything``) and what the method class says of its init arguments
+(:meth:`~distill.methods.base.DistillModule.card`): its column (an ``OfflineKD`` run by its terms,
+e.g. ``kd`` or ``crd+kd``, another method with terms by both, e.g. ``pwkd:kd``), its teacher and
+student, and for a run without a teacher the columns it fills in the pairs of its network (a
+from-scratch run: ``student`` and ``teacher``; DML: ``dml``; a slimmable teacher: ``slimmable
+teacher``). A cell is the last-epoch val top-1 (%) as mean ± sample std over seeds, with the mean
+best-epoch top-1 in brackets (the run's ``val/top1_best`` where it logged one, so SSKD's backbone
+phases do not count). Of two runs with the same seed in a cell, the one with more epochs (then the
+newer) counts. Runs whose configs differ in anything but the seed, paths and workers (model, data,
+epochs and the stage plan ``stages``) are told apart by a label such as ``sskd (plan=joint)``.
+``--out`` also writes ``results.csv`` (one line per cell) and the plots of
 :mod:`distill.tools.plots`.
+
+Every number says which split it is on: a run whose data holds a validation split out of the
+training split (``val_fraction > 0``) validates on ``held-out val``; any other on the test split
+(``val = test split``, the KD literature's CIFAR/ImageNet protocol, where the best epoch is chosen on
+the test set). A dataset's table names its split in the heading, or every cell its own where they mix.
 """
 
 from __future__ import annotations
@@ -24,59 +29,27 @@ import argparse
 import csv
 import io
 import json
-import statistics
 import sys
 import warnings
 from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..methods.card import class_name as card_class_name
+from ..methods.card import method_class
+from .plots import save_plots
 from .runs import find_runs, read_config, read_metrics, read_summary, series
+from .table import HELD_OUT, TEST_SPLIT, Cell, Run, Table, row_label
 
 FIRST_COLUMNS = ("teacher", "slimmable teacher", "student", "kd", "fitnet", "at", "sp", "rkd", "pkt", "crd", "dkd")
 IGNORED_KEYS = ("teacher_weights", "weights", "init_weights", "data_dir", "num_workers", "verify_md5", "download")
 COUNTED_KEYS = ("stage_teacher_weights",)  # lists of paths: only their number tells runs apart
 
 
-@dataclass
-class Run:
-    """One run directory, identified from its config; accuracies in percent."""
-
-    path: Path
-    dataset: str
-    method: str
-    teacher: str | None
-    student: str
-    seed: int | None
-    last: float
-    best: float
-    epochs: int
-    max_epochs: int | None
-    seconds: float | None
-    settings: dict = field(default_factory=dict)  # flattened config used to tell variants apart
-    metrics: list = field(default_factory=list, repr=False)
-
-    @property
-    def finished(self) -> bool:
-        return self.max_epochs is None or self.max_epochs < 0 or self.epochs >= self.max_epochs
-
-
 def class_name(spec, path: Path, key: str) -> str:
-    if isinstance(spec, str):
-        return spec.rsplit(".", 1)[-1]
-    if isinstance(spec, dict) and "class_path" in spec:
-        return spec["class_path"].rsplit(".", 1)[-1]
-    raise ValueError(f"{path / 'config.yaml'}: {key} has no class_path")
-
-
-def method_name(model: dict, path: Path) -> str:
-    """``kd``, ``crd+kd`` (OfflineKD, by its sorted term names), ``pwkd:kd``, ``supervised``, ``dml`` ..."""
-    cls = class_name(model, path, "model").lower()
-    terms = (model.get("init_args") or {}).get("terms") or []
-    names = "+".join(sorted(class_name(t, path, "model.init_args.terms").removesuffix("Term").lower() for t in terms))
-    if not names:
-        return cls
-    return names if cls == "offlinekd" else f"{cls}:{names}"
+    try:
+        return card_class_name(spec)
+    except ValueError:
+        raise ValueError(f"{path / 'config.yaml'}: {key} has no class_path") from None
 
 
 def flatten(tree, prefix: str = "") -> dict[str, str]:
@@ -91,19 +64,20 @@ def flatten(tree, prefix: str = "") -> dict[str, str]:
 
 def settings(config: dict) -> dict[str, str]:
     """What makes two runs the same experiment: the model's and data's arguments, the epochs and the
-    arguments of distill's own callbacks (PWKD stages, SSKD phases)."""
+    stage plan (``stages``: epochs and LR of PWKD's stages, SSKD's phases)."""
     trainer = config.get("trainer") or {}
-    callbacks = {
-        cb["class_path"].rsplit(".", 1)[-1]: cb.get("init_args") or {}
-        for cb in trainer.get("callbacks") or []
-        if isinstance(cb, dict) and str(cb.get("class_path", "")).startswith("distill.callbacks.")
-    }
-    flat = flatten({"model": config.get("model"), "data": config.get("data"), "callbacks": callbacks})
+    flat = flatten({"model": config.get("model"), "data": config.get("data"), "stages": config.get("stages")})
     flat["max_epochs"] = json.dumps(trainer.get("max_epochs"))
     for key, value in flat.items():
         if key.rsplit(".", 1)[-1] in COUNTED_KEYS and (files := json.loads(value)):
             flat[key] = f"{len(files)} files"
     return {k: v for k, v in flat.items() if k.rsplit(".", 1)[-1] not in IGNORED_KEYS}
+
+
+def validation_split(data: dict) -> str:
+    """``HELD_OUT`` when the data config holds a validation split out of the training split, else ``TEST_SPLIT``."""
+    fraction = (data.get("init_args") or {}).get("val_fraction") or 0
+    return HELD_OUT if float(fraction) > 0 else TEST_SPLIT
 
 
 def load_run(path: Path) -> Run | None:
@@ -113,9 +87,10 @@ def load_run(path: Path) -> Run | None:
         if not isinstance(config.get(key), dict):
             raise ValueError(f"{path / 'config.yaml'}: no {key!r} section")
     args = config["model"].get("init_args") or {}
-    student = args.get("student") or args.get("model")
-    if not student:
-        raise ValueError(f"{path / 'config.yaml'}: model.init_args has neither 'student' nor 'model'")
+    try:
+        card = method_class(config["model"]["class_path"]).card(args)
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{path / 'config.yaml'}: model.init_args lacks {error} (the method's networks)") from error
     metrics = read_metrics(path)
     top1 = [v for _, v in series(metrics, "val/top1")]
     best = [v for _, v in series(metrics, "val/top1_best")]  # the method's own (SSKD: head phase only)
@@ -126,15 +101,14 @@ def load_run(path: Path) -> Run | None:
     return Run(
         path=path,
         dataset=class_name(config["data"], path, "data").removesuffix("DataModule").lower(),
-        method=method_name(config["model"], path),
-        teacher=args.get("teacher"),
-        student=student,
+        card=card,
         seed=seed if isinstance(seed, int) and not isinstance(seed, bool) else None,
         last=100 * top1[-1],
         best=100 * (best[-1] if best else max(top1)),
         epochs=len(top1),
         max_epochs=(config.get("trainer") or {}).get("max_epochs"),
         seconds=read_summary(path).get("run_time_s"),
+        val_split=validation_split(config["data"]),
         settings=settings(config),
         metrics=metrics,
     )
@@ -153,42 +127,11 @@ def label_variants(runs: list[Run]) -> None:
     """Append ``(key=value, ...)`` to the method of runs whose settings differ within one experiment."""
     groups = defaultdict(list)
     for run in runs:
-        groups[run.dataset, run.teacher, run.student, run.method].append(run)
+        groups[run.dataset, run.teacher, run.student, run.card.column].append(run)
     for group in groups.values():
         keys = sorted({k for r in group for k in r.settings if len({r.settings.get(k) for r in group}) > 1})
         for run in group if keys else []:
-            run.method += " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={run.settings.get(k, '-')}" for k in keys) + ")"
-
-
-@dataclass
-class Cell:
-    runs: list[Run]
-
-    @property
-    def n(self) -> int:
-        return len(self.runs)
-
-    def mean(self, attr: str) -> float | None:
-        values = [getattr(r, attr) for r in self.runs if getattr(r, attr) is not None]
-        return statistics.fmean(values) if values else None
-
-    def std(self, attr: str) -> float | None:
-        values = [getattr(r, attr) for r in self.runs]
-        return statistics.stdev(values) if len(values) > 1 else None
-
-    @property
-    def unfinished(self) -> int:
-        return sum(not r.finished for r in self.runs)
-
-
-Row = tuple  # (dataset, teacher or None, student); teacher-less runs with no pair get a row of their own
-
-
-@dataclass
-class Table:
-    rows: list[Row]
-    columns: dict[str, list[str]]  # per dataset
-    cells: dict[tuple[Row, str], Cell]
+            run.variant = " (" + ", ".join(f"{k.rsplit('.', 1)[-1]}={run.settings.get(k, '-')}" for k in keys) + ")"
 
 
 def one_per_seed(runs: list[Run]) -> list[Run]:
@@ -209,24 +152,16 @@ def build_table(runs: list[Run]) -> Table:
     pairs = sorted({(r.dataset, r.teacher, r.student) for r in runs if r.teacher})
     placed = defaultdict(list)
     for run in runs:
-        if run.teacher:
-            placed[(run.dataset, run.teacher, run.student), run.method].append(run)
+        card, variant = run.card, run.variant
+        if card.teacher:
+            placed[(run.dataset, card.teacher, card.student), run.method].append(run)
             continue
-        base = run.method.split(" (")[0]
-        if base == "slimmablesupervised":  # a PWKD teacher: only ever a teacher
-            column = run.method.replace(base, "slimmable teacher", 1)
-            for target in [(p, column) for p in pairs if p[0] == run.dataset and p[1] == run.student] or [
-                ((run.dataset, None, run.student), column)
-            ]:
-                placed[target].append(run)
-            continue
-        supervised = base == "supervised"
-        column = run.method.replace("supervised", "student", 1) if supervised else run.method
-        targets = [(p, column) for p in pairs if p[0] == run.dataset and p[2] == run.student]
-        if supervised:
-            teacher_column = run.method.replace("supervised", "teacher", 1)
-            targets += [(p, teacher_column) for p in pairs if p[0] == run.dataset and p[1] == run.student]
-        for target in targets or [((run.dataset, None, run.student), column)]:
+        targets = []  # a run without a teacher fills the pairs its network is the student or teacher of
+        for column, side in ((card.student_column, 2), (card.teacher_column, 1)):
+            if column:
+                targets += [(p, column + variant) for p in pairs if p[0] == run.dataset and p[side] == card.student]
+        own = (card.student_column or card.teacher_column or card.column) + variant
+        for target in targets or [((run.dataset, None, card.student), own)]:
             placed[target].append(run)
     cells = {key: Cell(one_per_seed(group)) for key, group in placed.items()}
     rows = sorted({row for row, _ in cells}, key=lambda r: (r[0], r[1] or "", r[2]))
@@ -241,10 +176,6 @@ def column_order(column: str) -> tuple[int, str]:
     """Teacher, student, then the anchor table's methods (METHODS.md §1), then the rest by name."""
     base = column.split(" (")[0]
     return (FIRST_COLUMNS.index(base) if base in FIRST_COLUMNS else len(FIRST_COLUMNS), column)
-
-
-def row_label(row: Row) -> str:
-    return f"{row[1]} → {row[2]}" if row[1] else row[2]
 
 
 def format_accuracy(cell: Cell | None) -> str:
@@ -269,14 +200,28 @@ def format_time(cell: Cell | None) -> str:
     return f"{text} ×{cell.n}"
 
 
+def dataset_splits(table: Table, dataset: str) -> set[str]:
+    """The validation splits of a dataset's cells (one where every run validated on the same split)."""
+    return {cell.val_splits for (row, _), cell in table.cells.items() if row[0] == dataset}
+
+
 def to_markdown(table: Table) -> str:
     lines = [
         "Val top-1 (%): last epoch, mean ± sample std over seeds [mean of the best epoch]; "
-        "* counts unfinished runs. Run time: mean per run × runs.",
+        "* counts unfinished runs. Run time: mean per run × runs. "
+        f"'{HELD_OUT}': validated on images held out of the training split; "
+        f"'{TEST_SPLIT}': validated (and the best epoch chosen) on the test split.",
     ]
     for dataset, columns in table.columns.items():
         rows = [r for r in table.rows if r[0] == dataset]
-        for title, fmt in ((f"{dataset}: val top-1 (%)", format_accuracy), (f"{dataset}: run time", format_time)):
+        splits = dataset_splits(table, dataset)
+
+        def accuracy(cell: Cell | None, mixed: bool = len(splits) > 1) -> str:
+            text = format_accuracy(cell)
+            return f"{text} ({cell.val_splits})" if cell is not None and mixed else text
+
+        heading = f"{dataset}: val top-1 (%)" + (f", {next(iter(splits))}" if len(splits) == 1 else "")
+        for title, fmt in ((heading, accuracy), (f"{dataset}: run time", format_time)):
             lines += ["", f"### {title}", "", "| teacher → student | " + " | ".join(columns) + " |"]
             lines.append("|---" * (len(columns) + 1) + "|")
             for row in rows:
@@ -298,6 +243,7 @@ CSV_FIELDS = (
     "best_mean",
     "best_std",
     "seconds_mean",
+    "val_split",
     "unfinished",
     "runs",
 )
@@ -330,6 +276,7 @@ def to_csv(table: Table, root: str | Path | None = None) -> str:
                     "best_mean": num(cell.mean("best")),
                     "best_std": num(cell.std("best")),
                     "seconds_mean": num(cell.mean("seconds")),
+                    "val_split": cell.val_splits,
                     "unfinished": cell.unfinished,
                     "runs": ";".join(str(r.path.relative_to(root) if root else r.path) for r in cell.runs),
                 }
@@ -339,8 +286,6 @@ def to_csv(table: Table, root: str | Path | None = None) -> str:
 
 def write_results(table: Table, out: str | Path, root: str | Path | None = None) -> list[Path]:
     """``results.md``, ``results.csv`` and the plots of ``table`` written to ``out``."""
-    from .plots import save_plots
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(to_markdown(table))

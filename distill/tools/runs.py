@@ -1,5 +1,6 @@
-"""Read what a run left on disk: the CSV logger's ``metrics.csv``, LightningCLI's ``config.yaml``,
-:class:`~distill.callbacks.run_summary.RunSummary`'s ``summary.json``, and W&B offline runs.
+"""Read what a run left on disk: the CSV logger's ``metrics.csv``, the resolved configs of its segments
+(``config.yaml``, ``config.resume-<n>.yaml``), :class:`~distill.callbacks.run_summary.RunSummary`'s
+``summary.json``, and W&B offline runs.
 
 A resumed run appends to its ``metrics.csv``, so an epoch (or step) can appear twice; :func:`series`
 keeps the last value logged for each.
@@ -10,12 +11,13 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import struct
 from pathlib import Path
 
 import yaml
 
-STAGE_NAMES = ("stage", "phase")  # a per-epoch metric named so (or ending in /stage, /phase) marks stages
+STAGE_KEY = "stage"  # the per-epoch metric the StagePlan logs in multi-stage runs
 
 
 def latest_version(run_root: str | Path) -> Path:
@@ -41,9 +43,20 @@ def read_metrics(version_dir: str | Path) -> list[dict[str, float]]:
         return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
 
 
+def config_files(version_dir: str | Path) -> list[Path]:
+    """The resolved config of every segment of a run, in order: ``config.yaml``, then ``config.resume-<n>.yaml``."""
+    version_dir = Path(version_dir)
+    resumes = [p for p in version_dir.glob("config.resume-*.yaml") if re.fullmatch(r"config\.resume-\d+\.yaml", p.name)]
+    first = [version_dir / "config.yaml"] if (version_dir / "config.yaml").is_file() else []
+    return first + sorted(resumes, key=lambda p: int(p.name.split("-")[1].split(".")[0]))
+
+
 def read_config(version_dir: str | Path) -> dict:
-    """The resolved LightningCLI config of a run (``config.yaml``)."""
-    path = Path(version_dir) / "config.yaml"
+    """The resolved LightningCLI config of a run as it is now: its last segment's (``config.resume-<n>.yaml``
+    of the largest ``n``, else ``config.yaml``; a resume may only change what does not define the
+    experiment, e.g. ``trainer.max_epochs``)."""
+    files = config_files(version_dir)
+    path = files[-1] if files else Path(version_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: was {version_dir} written by `distill fit`?")
     config = yaml.safe_load(path.read_text())
@@ -73,16 +86,9 @@ def summary(version_dir: str | Path, key: str = "val/top1") -> dict[str, float]:
     return {"last": 100 * values[-1], "best": 100 * max(values)}
 
 
-def stage_key(rows: list[dict[str, float]]) -> str | None:
-    """The metric that numbers the stages of a multi-stage run (PWKD ``pwkd/stage``, SSKD ``phase``)."""
-    keys = {k for r in rows for k in r}
-    return next((k for k in sorted(keys) if k.rsplit("/", 1)[-1] in STAGE_NAMES), None)
-
-
 def stage_starts(rows: list[dict[str, float]]) -> list[int]:
     """Epochs at which a new stage begins (the first epoch excluded); ``[]`` for a single-stage run."""
-    key = stage_key(rows)
-    stages = series(rows, key) if key else []
+    stages = series(rows, STAGE_KEY)
     return [e for (_, a), (e, b) in zip(stages, stages[1:]) if a != b]
 
 

@@ -44,7 +44,14 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(StagedNet):
-    """Stride-2 stem ``conv1``, seven groups of inverted residuals (``blocks``), 1x1 ``conv2`` to 1280."""
+    """Stride-2 stem ``conv1``, seven groups of inverted residuals (``blocks``), 1x1 ``conv2`` to 1280.
+
+    Pre-activations: the stage outputs themselves (linear bottlenecks: no ReLU follows); BatchNorm:
+    the last one of each stage's last block (the CRD benchmark's ``get_bn_before_relu``; with a
+    residual connection it describes the block's branch, not the sum).
+    """
+
+    defines_preacts = True
 
     def __init__(self, expand_ratio: int = 6, width_mult: float = 0.5, num_classes: int = 100, in_chans: int = 3):
         super().__init__()
@@ -74,6 +81,13 @@ class MobileNetV2(StagedNet):
     @property
     def head(self):
         return Head(self.classifier, self.conv2)
+
+    def stage_preact(self, index, x):
+        out = self.stages[index](x)
+        return out, out
+
+    def preact_norms(self):
+        return [self.blocks[group[-1]][-1].conv[-1] for group in STAGES]
 
 
 @register("MobileNetV2")

@@ -27,14 +27,23 @@ class BasicBlock(nn.Module):
         if stride != 1 or inplanes != planes:
             self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
 
-    def forward(self, x):
+    def preact(self, x):
+        """The residual sum before the final ReLU."""
         out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return self.relu(out + shortcut)
+        return out + (x if self.downsample is None else self.downsample(x))
+
+    def forward(self, x):
+        return self.relu(self.preact(x))
 
 
 class CifarResNet(StagedNet):
-    """Depth 6n+2: a 3x3 stem, three stages of n basic blocks (strides 1, 2, 2), linear ``fc``."""
+    """Depth 6n+2: a 3x3 stem, three stages of n basic blocks (strides 1, 2, 2), linear ``fc``.
+
+    Pre-activations: each stage's last residual sum before its ReLU; BatchNorm: that block's ``bn2``
+    (the CRD benchmark's ``get_bn_before_relu``).
+    """
+
+    defines_preacts = True
 
     def __init__(self, depth: int, widths: tuple[int, int, int, int], num_classes: int = 100, in_chans: int = 3):
         super().__init__()
@@ -67,6 +76,9 @@ class CifarResNet(StagedNet):
     @property
     def head(self):
         return Head(self.fc)
+
+    def preact_norms(self):
+        return [stage[-1].bn2 for stage in self.stages]
 
 
 THIN, WIDE = (16, 16, 32, 64), (32, 64, 128, 256)

@@ -30,15 +30,23 @@ class Bottleneck(nn.Module):
                 nn.Conv2d(in_planes, out_planes, 1, stride, bias=False), nn.BatchNorm2d(out_planes)
             )
 
-    def forward(self, x):
+    def preact(self, x):
+        """The residual sum before the final ReLU."""
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + self.shortcut(x))
+        return self.bn3(self.conv3(out)) + self.shortcut(x)
+
+    def forward(self, x):
+        return self.relu(self.preact(x))
 
 
 class BottleneckResNet(StagedNet):
-    """A 3x3 stride-1 stem, four bottleneck stages (strides 1, 2, 2, 2), linear ``linear``."""
+    """A 3x3 stride-1 stem, four bottleneck stages (strides 1, 2, 2, 2), linear ``linear``.
+
+    Pre-activations: each stage's last residual sum before its ReLU; BatchNorm: that block's ``bn3``.
+    """
+
+    defines_preacts = True
 
     def __init__(self, num_blocks: tuple[int, int, int, int], num_classes: int = 100, in_chans: int = 3):
         super().__init__()
@@ -66,6 +74,9 @@ class BottleneckResNet(StagedNet):
     @property
     def head(self):
         return Head(self.linear)
+
+    def preact_norms(self):
+        return [stage[-1].bn3 for stage in self.stages]
 
 
 @register("ResNet50")

@@ -32,20 +32,28 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(mid_planes, out_planes, 1, groups=groups, bias=False)
         self.bn3 = nn.BatchNorm2d(out_planes)
 
-    def forward(self, x):
+    def preact(self, x):
+        """The concatenation (strided) or residual sum before the final ReLU."""
         out = channel_shuffle(F.relu(self.bn1(self.conv1(x))), self.groups1)
         out = F.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
         if self.stride == 2:
-            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
-        return F.relu(out + x)
+            return torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1)
+        return out + x
+
+    def forward(self, x):
+        return F.relu(self.preact(x))
 
 
 class ShuffleNetV1(StagedNet):
     """A 1x1 stem to 24 channels and three stages; each stage's first block halves the resolution.
 
-    Weights keep PyTorch's default initialisation, as in the CRD code.
+    Weights keep PyTorch's default initialisation, as in the CRD code. Pre-activations: each
+    stage's last sum before its ReLU; BatchNorm: that block's ``bn3`` ([chosen]: the same reading
+    as for the ResNets; the CRD benchmark defines none for ShuffleNets).
     """
+
+    defines_preacts = True
 
     def __init__(self, out_planes=(240, 480, 960), num_blocks=(4, 8, 4), groups=3, num_classes=100, in_chans=3):
         super().__init__()
@@ -71,6 +79,10 @@ class ShuffleNetV1(StagedNet):
     @property
     def head(self):
         return Head(self.linear)
+
+    def preact_norms(self):
+        # a strided last block concatenates an unnormalised pooled input: no single BatchNorm then
+        return [None if stage[-1].stride == 2 else stage[-1].bn3 for stage in self.stages]
 
 
 @register("ShuffleV1")

@@ -24,12 +24,20 @@ class BasicBlock(nn.Module):
         self.conv3 = nn.Conv2d(half, half, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(half)
 
+    def branch(self, x2):
+        """The processed half before its final ReLU."""
+        out = F.relu(self.bn1(self.conv1(x2)))
+        return self.bn3(self.conv3(self.bn2(self.conv2(out))))
+
     def forward(self, x):
         x1, x2 = x.chunk(2, dim=1)
-        out = F.relu(self.bn1(self.conv1(x2)))
-        out = self.bn2(self.conv2(out))
-        out = F.relu(self.bn3(self.conv3(out)))
-        return channel_shuffle(torch.cat([x1, out], 1), 2)
+        return channel_shuffle(torch.cat([x1, F.relu(self.branch(x2))], 1), 2)
+
+    def preact(self, x):
+        """The block's output with the processed half before its ReLU (the passed-through half is
+        already non-negative, so the output is this map's ReLU)."""
+        x1, x2 = x.chunk(2, dim=1)
+        return channel_shuffle(torch.cat([x1, self.branch(x2)], 1), 2)
 
 
 class DownBlock(nn.Module):
@@ -59,8 +67,13 @@ class DownBlock(nn.Module):
 class ShuffleNetV2(StagedNet):
     """A 1x1 stem to 24 channels, three stages (a down block then basic blocks), a 1x1 ``conv2`` in the head.
 
-    Weights keep PyTorch's default initialisation, as in the CRD code.
+    Weights keep PyTorch's default initialisation, as in the CRD code. Pre-activations: each
+    stage's last block with its processed half before the ReLU, [chosen] in the output's shuffled
+    channel order (the CRD benchmark returns it unshuffled). Half of those channels pass through
+    unnormalised, so no BatchNorm describes them (:meth:`preact_norms` is all None).
     """
+
+    defines_preacts = True
 
     def __init__(self, out_channels=(116, 232, 464, 1024), num_blocks=(3, 7, 3), num_classes=100, in_chans=3):
         super().__init__()

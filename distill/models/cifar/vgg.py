@@ -44,7 +44,12 @@ class PoolIfLarge(nn.Module):
 
 
 class VGG(StagedNet):
-    """Five conv blocks (``block0``..``block4``) split by 2x2 max pooling, one linear ``classifier``."""
+    """Five conv blocks (``block0``..``block4``) split by 2x2 max pooling, one linear ``classifier``.
+
+    Pre-activations: each block's output before the stage's final ReLU, i.e. its last BatchNorm's output.
+    """
+
+    defines_preacts = True
 
     def __init__(self, cfg: list[list[int]], num_classes: int = 100, in_chans: int = 3):
         super().__init__()
@@ -73,6 +78,13 @@ class VGG(StagedNet):
     @property
     def head(self):
         return Head(self.classifier)
+
+    def stage_preact(self, index, x):
+        pre = self.stages[index][:-1](x)  # the stage without its final ReLU
+        return F.relu(pre), pre
+
+    def preact_norms(self):
+        return [getattr(self, f"block{i}")[-1] for i in range(len(self.stages))]
 
 
 @register("vgg8")

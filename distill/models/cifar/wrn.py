@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as F
 from torch import nn
 
 from ..registry import register
-from ..staged import Chain, Head, StagedNet
+from ..staged import Chain, Head, StagedNet, StagedOutput
 from .weight_init import init_weights
 
 
@@ -25,7 +26,10 @@ class BasicBlock(nn.Module):
             self.convShortcut = nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
 
     def forward(self, x):
-        act = self.relu1(self.bn1(x))
+        return self.from_activation(x, self.relu1(self.bn1(x)))
+
+    def from_activation(self, x, act):
+        """The block given its input ``x`` and ``act`` = ReLU(bn1(x))."""
         shortcut = x if self.convShortcut is None else self.convShortcut(act)
         return self.conv2(self.relu2(self.bn2(self.conv1(act)))) + shortcut
 
@@ -44,7 +48,15 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(StagedNet):
-    """Depth 6n+4, widths 16, 16k, 32k, 64k; the final BN-ReLU (``bn1``) lives in the head."""
+    """Depth 6n+4, widths 16, 16k, 32k, 64k; the final BN-ReLU (``bn1``) lives in the head.
+
+    Pre-activations (as the CRD benchmark's ``preact=True``): a stage's output is a residual sum that
+    no ReLU touches; its pre-activation is the output of the next BatchNorm that feeds a ReLU, i.e.
+    ``bn1`` of the next stage's first block, and the head's ``bn1`` for the last stage. They are
+    read where the network computes them (no second BatchNorm pass, so no extra statistics update).
+    """
+
+    defines_preacts = True
 
     def __init__(self, depth: int, widen_factor: int, num_classes: int = 100, in_chans: int = 3):
         super().__init__()
@@ -73,6 +85,23 @@ class WideResNet(StagedNet):
     @property
     def head(self):
         return Head(self.fc, Chain(self.bn1, self.relu))
+
+    def preact_norms(self):
+        return [self.block2.layer[0].bn1, self.block3.layer[0].bn1, self.bn1]
+
+    def forward_preacts(self, x):
+        x = self.stem(x)
+        outputs, preacts, act = [], [], None
+        for stage, norm in zip(self.stages, self.preact_norms()):
+            first = stage.layer[0]
+            x = stage.layer[1:](first(x) if act is None else first.from_activation(x, act))
+            preacts.append(norm(x))
+            act = F.relu(preacts[-1])  # what the next stage's first block (or the head) continues from
+            outputs.append(x)
+        feature, embedding = Head(self.fc).features(act)
+        return StagedOutput(
+            self.fc(embedding), tuple(outputs), feature, embedding, tuple(preacts), self.preact_bn_params()
+        )
 
 
 @register("wrn_16_1")
