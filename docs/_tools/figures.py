@@ -4,9 +4,9 @@
 
 ``make docs`` runs this before building the site; the PNGs are not committed (``.gitignore``), so a
 figure always shows what the code does today. Every number drawn comes from a call into ``distill``:
-the PWKD stages and LR from :class:`distill.callbacks.pwkd.PWKDStages` set up on a real
-:class:`distill.methods.pwkd.PWKD`, the SSKD phases from :class:`distill.methods.sskd.SSKD` and
-:class:`distill.callbacks.sskd.SSKDPhases`, the SOKD bridge from a real
+the PWKD stages and LR from the :class:`distill.callbacks.stages.StagePlan` callback set up on a real
+:class:`distill.methods.pwkd.PWKD` (its ``stage_schedule``), the SSKD phases from
+:class:`distill.methods.sskd.SSKD` under the same plan, the SOKD bridge from a real
 :class:`distill.methods.sokd.SOKD`, KR's aggregation and matching from :mod:`distill.losses.kr`
 and :func:`distill.methods.kr.match_layers`. Nothing is read from disk and no weights are trained.
 """
@@ -28,8 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import FancyArrowPatch, FancyBboxPatch, Patch  # noqa: E402
 
-from distill.callbacks.pwkd import PWKDStages  # noqa: E402
-from distill.callbacks.sskd import SSKDPhases  # noqa: E402
+from distill.callbacks.stages import StagePlan  # noqa: E402
 from distill.losses.kr import aggregate_weight, group_membership, rescale_to_std, top_fraction_mask  # noqa: E402
 from distill.methods.kr import KR, match_layers  # noqa: E402
 from distill.methods.pwkd import PWKD  # noqa: E402
@@ -37,7 +36,7 @@ from distill.methods.sokd import SOKD, sokd_losses  # noqa: E402
 from distill.methods.sskd import SSKD  # noqa: E402
 from distill.models import create_model  # noqa: E402
 
-CIFAR_EPOCHS = 240  # the CRD protocol's budget, split by the stage callbacks
+CIFAR_EPOCHS = 240  # the CRD protocol's budget, split by the stage plan
 SAMPLES_PER_EPOCH = 8  # LR curves are drawn at fractional epochs, as the engine steps them
 TRAINED, NO_GRAD, NOT_RUN = "#2e7d32", "#90a4ae", "#ffffff"
 STUDENT, TEACHER, BRIDGE = "#1565c0", "#78909c", "#ef6c00"
@@ -51,7 +50,7 @@ def save(fig, path: Path, rect: tuple | None = None) -> Path:
 
 
 def fake_trainer(max_epochs: int) -> SimpleNamespace:
-    """What the stage callbacks read from the Trainer in ``setup``."""
+    """What the StagePlan callback reads from the Trainer in ``setup``."""
     return SimpleNamespace(max_epochs=max_epochs)
 
 
@@ -66,44 +65,55 @@ def shade(ax, bounds: list[int]) -> None:
 
 
 # ---- PWKD ------------------------------------------------------------------------------------------
-def pwkd_setup(**callback_args) -> tuple[PWKDStages, PWKD]:
-    """A PWKDStages callback set up on a small random PWKD, as ``distill fit`` does at fit start."""
-    callback = PWKDStages(**callback_args)
-    module = PWKD(student="resnet8", teacher="resnet20", num_classes=100)
-    callback.setup(fake_trainer(CIFAR_EPOCHS), module, "fit")
-    return callback, module
+def planned(module, **plan_args):
+    """``module`` with a StagePlan set up on it, as ``distill fit`` does at fit start (``--stages.*``)."""
+    plan = StagePlan(**plan_args)
+    plan.setup(fake_trainer(CIFAR_EPOCHS), module, "fit")
+    return plan, module
+
+
+def lr_curve(module, x: np.ndarray) -> list[float]:
+    """The LR multiplier the module's optimiser follows: the plan's schedule, else the configured one."""
+    schedule = module.stage_schedule or module.lr_schedule
+    return [schedule(e) for e in x]
+
+
+def pwkd_setup(plan_args: dict | None = None, **model_args) -> tuple[StagePlan, PWKD]:
+    """A small random PWKD under a StagePlan."""
+    return planned(PWKD(student="resnet8", teacher="resnet20", num_classes=100, **model_args), **(plan_args or {}))
 
 
 def pwkd_figure(out: Path) -> Path:
-    variants = {
-        "default: cyclic, partial → whole": dict(),
-        "ablation: monotone": dict(schedule="monotone"),
-        "ablation: reversed order": dict(widths=[1.0, 0.75, 0.5, 0.25], reverse_order=True),
-        "ablation: widths 0.5, 0.75, 1.0": dict(widths=[0.5, 0.75, 1.0]),
+    variants = {  # (stages.* arguments, PWKD arguments)
+        "default: cyclic, partial → whole": ({}, {}),
+        "ablation: stages.lr monotone": ({"lr": "monotone"}, {}),
+        "ablation: reversed order": ({}, dict(stage_widths=[1.0, 0.75, 0.5, 0.25], reverse_order=True)),
+        "ablation: stage_widths 0.5, 0.75, 1.0": ({}, dict(stage_widths=[0.5, 0.75, 1.0])),
     }
     x = epochs_axis(CIFAR_EPOCHS)
     epochs = np.arange(CIFAR_EPOCHS + 1)
     fig, (ax_w, ax_lr) = plt.subplots(2, 1, figsize=(11.5, 5.4), sharex=True, height_ratios=[1, 1.3])
     colors = ["#1565c0", "#c62828", "#6a1b9a", "#00897b"]
-    for (label, args), color in zip(variants.items(), colors):
-        callback, module = pwkd_setup(**args)
-        widths = [callback.widths[callback.stage_of(min(e, CIFAR_EPOCHS - 1))] for e in epochs]
+    for (label, (plan_args, model_args)), color in zip(variants.items(), colors):
+        plan, module = pwkd_setup(plan_args, **model_args)
+        widths = [module.stage_widths[plan.stage_of(min(e, CIFAR_EPOCHS - 1))] for e in epochs]
         style = "-" if color == colors[0] else "--"
         ax_w.step(epochs, widths, where="post", color=color, ls=style, lw=2 if style == "-" else 1.3, label=label)
-        if label.startswith(("default", "ablation: monotone")):
-            ax_lr.plot(x, [module.lr_schedule(e) for e in x], color=color, ls=style, label=label)
+        if label.startswith(("default", "ablation: stages.lr")):
+            ax_lr.plot(x, lr_curve(module, x), color=color, ls=style, label=label)
         if color == colors[0]:
-            bounds = [*callback.starts, CIFAR_EPOCHS]
-    _, baseline = pwkd_setup(widths=[1.0], schedule="base")  # whole_teacher_baseline.yaml: the model's own LR
-    label = f"baseline: schedule base ({type(baseline.lr_schedule).__name__} {baseline.lr_schedule.milestones})"
-    ax_lr.plot(x, [baseline.lr_schedule(e) for e in x], color="0.4", ls=":", label=label)
+            bounds = plan.bounds
+    _, baseline = pwkd_setup({"lr": "base"}, stage_widths=[1.0])  # whole_teacher_baseline.yaml: the model's own LR
+    label = f"baseline: stages.lr base ({type(baseline.lr_schedule).__name__} {baseline.lr_schedule.milestones})"
+    ax_lr.plot(x, lr_curve(baseline, x), color="0.4", ls=":", label=label)
     for ax in (ax_w, ax_lr):
         shade(ax, bounds)
     ax_w.set_ylabel("teacher width")
     ax_w.set_yticks([0.25, 0.5, 0.75, 1.0])
     ax_w.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax_w.set_title(
-        f"PWKD on the CIFAR protocol ({CIFAR_EPOCHS} epochs): stages from PWKDStages, LR from the model", fontsize=10
+        f"PWKD on the CIFAR protocol ({CIFAR_EPOCHS} epochs): stages declared by PWKD, epochs and LR from StagePlan",
+        fontsize=10,
     )
     ax_lr.set_ylabel("LR / base LR")
     ax_lr.set_xlabel("epoch")
@@ -112,10 +122,9 @@ def pwkd_figure(out: Path) -> Path:
 
 
 # ---- SSKD ------------------------------------------------------------------------------------------
-def sskd_setup(callback_args: dict | None = None, **model_args) -> SSKD:
+def sskd_setup(plan_args: dict | None = None, **model_args) -> SSKD:
     module = SSKD(student="resnet20", teacher="resnet56", num_classes=100, **model_args)
-    SSKDPhases(**(callback_args or {})).setup(fake_trainer(CIFAR_EPOCHS), module, "fit")
-    return module
+    return planned(module, **(plan_args or {}))[1]
 
 
 def part_names(module: SSKD) -> list[str]:
@@ -148,7 +157,7 @@ def draw_phase_grid(ax, module: SSKD, title: str) -> None:
                 )
             if phase.ce and row == len(names) - 1:
                 ax.text(column + 0.5, row + 0.5, "CE", ha="center", va="center", fontsize=7, color="white")
-        epochs = module.phase_bounds[column + 1] - module.phase_bounds[column]
+        epochs = module.stage_bounds[column + 1] - module.stage_bounds[column]
         ax.text(column + 0.5, -0.15, f"{phase.name}\n{epochs} ep.", ha="center", va="bottom", fontsize=7)
     ax.set_xlim(0, len(module.phases))
     ax.set_ylim(len(names), -0.9)
@@ -188,17 +197,17 @@ def sskd_figures(out: Path) -> list[Path]:
     x = epochs_axis(CIFAR_EPOCHS)
     fig, ax = plt.subplots(figsize=(9, 2.8))
     cosine = sskd_setup()
-    step = sskd_setup({"lr_schedule": "step"})
-    ax.plot(x, [cosine.lr_schedule(e) for e in x], color="#1565c0", label="lr_schedule: cosine (default)")
-    ax.plot(x, [step.lr_schedule(e) for e in x], color="#c62828", ls="--", label="lr_schedule: step (ablation)")
-    shade(ax, cosine.phase_bounds)
-    for start, end, phase in zip(cosine.phase_bounds[:-1], cosine.phase_bounds[1:], cosine.phases):
+    step = sskd_setup({"lr": "step"})
+    ax.plot(x, lr_curve(cosine, x), color="#1565c0", label="stages.lr: own (cyclic cosine, default)")
+    ax.plot(x, lr_curve(step, x), color="#c62828", ls="--", label="stages.lr: step (ablation)")
+    shade(ax, cosine.stage_bounds)
+    for start, end, phase in zip(cosine.stage_bounds[:-1], cosine.stage_bounds[1:], cosine.phases):
         ax.text((start + end) / 2, 1.04, phase.name, ha="center", fontsize=7)
     ax.set_ylim(0, 1.12)
     ax.set_xlabel("epoch")
     ax.set_ylabel("LR / base LR")
     ax.legend(fontsize=7, loc="center right")
-    ax.set_title("SSKD learning rate: one cycle per phase, from SSKDPhases", fontsize=9)
+    ax.set_title("SSKD learning rate: one stage of the StagePlan per phase", fontsize=9)
     schedule = save(fig, out / "sskd_schedule.png")
     return [grid, schedule]
 
