@@ -5,22 +5,26 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
 
-.PHONY: demo test test-fast lint format bench bench-gpu bench-efficacy clean
+.PHONY: demo test test-fast docs lint format bench bench-gpu bench-efficacy clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[test,export]'
+	$(BIN)/python -m pip install --quiet -e '.[test,export,docs]'
 	touch $(STAMP)
 
 demo: $(STAMP)  ## teacher, student and every method on the embedded digits, on the CPU
 	$(BIN)/python -m distill.demo
 
-test: $(STAMP)  ## the whole test suite, CPU only, no network
+test: $(STAMP) docs  ## the documentation site (strict), then the whole test suite, CPU only, no network
 	$(BIN)/python -m pytest -n 2 tests
 
 test-fast: $(STAMP)  ## the tests that are neither slow nor multi-process (under a minute)
 	$(BIN)/python -m pytest -n 2 -m "not slow and not ddp" tests
+
+docs: $(STAMP)  ## the documentation site into site/, strict: a broken link or reference fails; figures drawn from the code
+	$(BIN)/python docs/_tools/figures.py
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: it stops warnings from counting
 
 lint: $(STAMP)  ## ruff lint and format check (configured in pyproject.toml)
 	$(BIN)/ruff check .
@@ -53,4 +57,4 @@ bench-efficacy: $(STAMP)  ## every paradigm vs its controls on Fashion-MNIST, 3 
 	$(BIN)/python benchmarks/efficacy.py
 
 clean:
-	rm -rf $(VENV) runs *.egg-info
+	rm -rf $(VENV) runs *.egg-info site docs/figures

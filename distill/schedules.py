@@ -3,7 +3,7 @@
 The engine steps the LR every optimiser step with ``factor = schedule(step / steps_per_epoch)``, so a
 schedule is one function of the global step: a resumed run gets exactly the LR it would have had,
 and multi-stage methods (PWKD, SSKD) restart their cycles without swapping schedulers
-(DESIGN.md, resume pitfall). Each returns a multiplier of the base LR.
+(docs/design.md#resume). Each returns a multiplier of the base LR.
 """
 
 from __future__ import annotations

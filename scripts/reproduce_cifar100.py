@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Reproduce the CIFAR-100 table of METHODS.md §1: teachers, students from scratch, pairs × methods × seeds.
+"""Reproduce the CIFAR-100 table: teachers, students from scratch, pairs × methods × seeds
+(docs/reproduction.md#reproducing-the-cifar-100-table).
 
     python scripts/reproduce_cifar100.py [--pairs P ...] [--methods M ...] [--seeds S ...] [--runs DIR]
                                          [--teacher-cache] [--dry-run | --slurm DIR] [-- extra distill fit arguments]
@@ -66,7 +67,7 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "lightning_configs"
 SBATCH = Path(__file__).resolve().with_suffix(".sbatch")
-ANCHOR_METHODS = ["kd", "fitnet", "at", "crd", "dkd"]  # the anchor table's columns (METHODS.md §1)
+ANCHOR_METHODS = ["kd", "fitnet", "at", "crd", "dkd"]  # the anchor table's columns (docs/reproduction.md#cifar-100)
 # The benchmarks' other rows that need no initialisation phase; `--methods all` runs them too.
 MORE_METHODS = ["sp", "rkd", "pkt", "crd_kd", "cc", "vid", "nst", "kdsvd", "ofd", "reviewkd", "dist"]
 MORE_METHODS += ["kd_ls", "dkd_ls", "dist_ls", "ab", "ft", "fsp"]

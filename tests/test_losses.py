@@ -1,4 +1,4 @@
-"""The classic losses of METHODS.md §2: golden values, properties, and the engine's terms.
+"""The classic losses (docs/methods/offline.md#the-losses): golden values, properties, and the engine's terms.
 
 Golden values are pinned for a fixed seeded input and each is re-derived here independently
 (float64 numpy with explicit loops), so a pinned number is known to be the paper's formula.

@@ -6,7 +6,7 @@ import torchvision
 
 from distill.models import StagedOutput, create_model, list_models
 
-# METHODS.md section 1, at 100 classes.
+# docs/reproduction.md#architectures, at 100 classes.
 CIFAR_PARAMS = {
     "resnet8": 83_892,
     "resnet14": 181_108,

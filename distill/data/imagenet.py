@@ -1,6 +1,6 @@
 """ImageNet, or any ImageFolder tree with ``train/`` and ``val/`` under ``data_dir``.
 
-Protocol (torchvision recipe, METHODS.md §1): train = RandomResizedCrop 224 + horizontal flip;
+Protocol (torchvision recipe, docs/reproduction.md#imagenet): train = RandomResizedCrop 224 + horizontal flip;
 eval = Resize 256 + CenterCrop 224; ImageNet mean/std. ``val/`` serves as validation and test split
 (the KD protocol reports ImageNet's validation set). ``image_size`` scales the crops (the eval resize
 stays at 256/224 of it) so tests and small trees can use tiny images.

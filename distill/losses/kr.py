@@ -2,7 +2,8 @@
 
 After Liu, Wen, Gao, et al., 2019, "Knowledge Representing: Efficient, Sparse Representation of
 Prior Knowledge for Knowledge Distillation". Only the paper's abstract could be read, so everything
-here is the project's reading of it (METHODS.md §6, [chosen]), not the paper's verified algorithm:
+here is the project's reading of it (docs/paradigms/kr.md#what-the-project-does, [chosen]), not the
+paper's verified algorithm:
 
 - **Aggregation** maps a teacher conv weight W_T (C_out^T × C_in^T/g_T × k × k) to a student
   conv's shape: output filters and input channels are split into C_out^S and C_in^S contiguous

@@ -1,4 +1,4 @@
-"""The interface between the offline KD engine and a base loss (METHODS.md §2).
+"""The interface between the offline KD engine and a base loss (docs/design.md#losses-and-terms).
 
 A term is a small ``nn.Module`` that reads what it needs from the student's and the teacher's
 :class:`~distill.models.staged.StagedOutput` (logits, stage outputs, pre-pool feature, embedding),

@@ -1,7 +1,7 @@
 """The small base every method module stands on: optimiser, per-step LR schedule, metrics, logging.
 
 A method only says what it trains (``training_losses``) and which networks it evaluates
-(``eval_logits``); everything else is here, so a method reads in a minute (DESIGN.md, after
+(``eval_logits``); everything else is here, so a method reads in a minute (docs/design.md#how-a-method-is-written, after
 mdistiller and solo-learn).
 """
 
@@ -40,7 +40,8 @@ def log_step_due(trainer: pl.Trainer) -> bool:
 
 
 def top_k_metrics(num_classes: int) -> nn.ModuleDict:
-    """Micro-averaged top-1/top-5 (torchmetrics defaults to macro for multiclass: DESIGN.md pitfall)."""
+    """Micro-averaged top-1/top-5 (torchmetrics defaults to macro for multiclass:
+    docs/design.md#top-1-is-micro-averaged)."""
     return nn.ModuleDict(
         {
             "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),

@@ -1,7 +1,7 @@
 """Deep Mutual Learning (Zhang et al., 2018): two networks from scratch teach each other online.
 
 Each network minimises ``ce_weight · CE + kl_weight · τ² KL(p_other ‖ p_self)`` with the partner's
-prediction detached (METHODS.md §2); one optimiser over both networks, which is equivalent to the
+prediction detached (docs/methods/offline.md#dml); one optimiser over both networks, which is equivalent to the
 paper's alternating updates up to the order within a step.
 """
 

@@ -4,7 +4,7 @@ Sparse Representation of Prior Knowledge for Knowledge Distillation").
 [paper] The teacher's parameter distribution is prior knowledge; a knowledge aggregation represents
 it at a more abstract level; a sparse recoding penalty lets only part of it pull on the student;
 KR combines with logit KD. Only the abstract could be read: everything below is the project's
-reading (METHODS.md §6, [chosen]), not the paper's verified algorithm.
+reading (docs/paradigms/kr.md#what-the-project-does, [chosen]), not the paper's verified algorithm.
 
 [chosen] Layer matching (:func:`match_layers`, printed as a table at fit start on rank zero):
 
@@ -31,8 +31,9 @@ reading (METHODS.md §6, [chosen]), not the paper's verified algorithm.
 (:func:`distill.losses.kr.aggregate_weight`), averaged (stage level), then rescaled to the
 standard deviation the student conv had at initialisation. Only conv weights get priors (not biases,
 norms or the classifier). The student starts from its priors (``init_from_prior``, default on: it
-is METHODS.md's reading, and the authors' related patent hands the shrunk teacher filters to the
-student; the penalty then starts at zero and pulls back only what drifts). The penalty β·R is logged
+is the project's reading, docs/paradigms/kr.md#knowledge-aggregation, and the authors' related
+patent hands the shrunk teacher filters to the student; the penalty then starts at zero and pulls
+back only what drifts). The penalty β·R is logged
 as ``train/loss_kr``; ``train/kr_mask_density``,
 ``train/kr_distance`` and ``train/kr_distance_masked`` (mean |W_S − W_D| over all / masked entries)
 at every epoch end.
@@ -233,7 +234,7 @@ def _buffer_key(name: str) -> str:
 class KR(OfflineKD):
     """Offline KD (CE + the ``terms``, e.g. KD on logits) plus KR's sparse prior penalty β·R.
 
-    Args (all [chosen], METHODS.md §6; the others as :class:`~distill.methods.kd.OfflineKD`):
+    Args (all [chosen], docs/paradigms/kr.md#knobs; the others as :class:`~distill.methods.kd.OfflineKD`):
         beta: the pull β of the prior on every masked weight: β·R adds β·(W_S − W_D) to its gradient,
             whatever the size of its layer, as weight decay λ adds λ·W_S (so β = λ pulls toward the
             prior as hard as weight decay pulls toward 0). Default from the Fashion-MNIST study's sweep

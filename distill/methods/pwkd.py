@@ -80,7 +80,8 @@ class PWKD(OfflineKD):
         connectors: ``sliced`` ([chosen] default): one connector for the whole teacher, sliced to
             the active width; ``fresh``: a separately initialised connector per stage (under DDP
             this needs ``strategy: ddp_find_unused_parameters_true``).
-        Other arguments as :class:`~distill.methods.kd.OfflineKD`.
+
+    Other arguments as :class:`~distill.methods.kd.OfflineKD`.
 
     The stage epochs and LR come from the ``StagePlan`` callback (``--stages.*``): by default an
     equal split with a cosine restarted per stage; ``stages.lr: monotone`` (one cosine) and

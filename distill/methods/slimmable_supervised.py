@@ -44,7 +44,7 @@ class SlimmableSupervised(DistillModule):
             (its BatchNorm slices start the narrow widths) or a slimmable one at the same widths.
         train_widths: the widths trained and evaluated (default: all of ``widths``; the widest is
             ``val/top1``). ``[0.25]`` trains the 0.25 sub-network alone, i.e. an ordinary narrow
-            network: the separately trained narrow teacher of PWKD's ablation (METHODS.md §3).
+            network: the separately trained narrow teacher of PWKD's ablation (docs/paradigms/pwkd.md#ablations).
         model_kwargs: extra constructor arguments of the architecture.
     """
 

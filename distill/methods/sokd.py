@@ -1,4 +1,4 @@
-"""SOKD: Semi-Online Knowledge Distillation (Liu, Liu, Huang, BMVC 2021), METHODS.md §5.
+"""SOKD: Semi-Online Knowledge Distillation (Liu, Liu, Huang, BMVC 2021); docs/paradigms/sokd.md.
 
 A frozen pre-trained teacher, a student trained from scratch, and a trainable knowledge bridge
 module (KBM): a fresh copy of the teacher's last stage + final norm + classifier, fed with the
@@ -13,10 +13,11 @@ the teacher up to the bridge followed by the KBM; :mod:`distill.tools.improved_t
 Faithful to the official code: the teacher runs in train mode by default (``teacher_bn="train"``),
 so its BatchNorm normalises with batch statistics and updates its running averages. Those buffers
 then change during training, so they are saved in the checkpoint (``distill_sokd``) and restored on
-resume. The teacher stays unregistered (DESIGN.md), so DDP neither broadcasts its buffers nor does
-``sync_batchnorm`` convert it: its forward normalises with each rank's own batch, and [chosen] its
-floating-point buffers are averaged over the ranks after every training step, so the ranks agree
-(for the running means this equals the statistics of the global batch).
+resume. The teacher stays unregistered (docs/design.md#the-frozen-teacher), so DDP neither
+broadcasts its buffers nor does ``sync_batchnorm`` convert it: its forward normalises with each
+rank's own batch, and [chosen] its floating-point buffers are averaged over the ranks after every
+training step, so the ranks agree (for the running means this equals the statistics of the global
+batch).
 """
 
 from __future__ import annotations
@@ -190,8 +191,8 @@ class SOKD(OfflineKD):
     Args:
         student, teacher, teacher_weights, student_kwargs, teacher_kwargs: as in :class:`OfflineKD`.
         terms: optional feature terms (FitNet, AT, …). [chosen] Their target is the KBM: the teacher's
-            stages before the bridge, then the KBM's stages, feature and embedding (METHODS.md §5,
-            feature-based extension; the official code has none).
+            stages before the bridge, then the KBM's stages, feature and embedding (feature-based
+            extension, docs/paradigms/sokd.md#feature-extension; the official code has none).
         ce_weight: weight of the student's CE(z_S, y).
         kl_weight: weight of the student's τ²·KL(p_A ‖ p_S).
         kbm_ce_weight: weight of the KBM's CE(z_A, y).

@@ -9,7 +9,7 @@ Each phase is a stage of the run's :class:`~distill.callbacks.stages.StagePlan` 
 which owns the epochs of the phases and the LR cycle restarted in each and tells this module the
 phase of every epoch (so a resumed run is in the right phase); this module routes the gradients.
 
-The project's readings of METHODS.md §4 [chosen], each an argument below:
+The project's readings [chosen] (docs/paradigms/sskd.md#project-choices), each an argument below:
 
 - Stages are the networks' resolution stages; the student's stem belongs to stage 1. Student and
   teacher must have the same number of stages (stage k mimics stage k).
@@ -23,9 +23,9 @@ The project's readings of METHODS.md §4 [chosen], each an argument below:
 - The head phase trains the head: the layers between the last stage and the pooling where a
   network has them (WRN's final BN; ShuffleV2's and MobileNetV2's 1x1 conv + BN: no other phase
   trains them) and the classifier. ``head_trains="classifier"`` is the literal "only the
-  classifier" of METHODS.md §4 (identical for ResNets and VGGs), ``"last_stage_and_head"`` its option.
+  classifier" of the paper's abstract (identical for ResNets and VGGs), ``"last_stage_and_head"`` its option.
 
-Freezing (DESIGN.md pitfalls): frozen parts run without autograd, their BatchNorm is put back in
+Freezing (docs/design.md#freezing-under-ddp): frozen parts run without autograd, their BatchNorm is put back in
 eval mode by every ``train()`` (and at every epoch start), and their ``.grad`` is cleared before
 every optimiser step, since DDP with ``find_unused_parameters`` may hand them zeros: neither
 momentum nor weight decay moves them. ``requires_grad`` never changes. Every phase leaves
@@ -144,7 +144,7 @@ class SSKD(TeacherMixin, DistillModule):
         head_trains: what the head phase trains [chosen: ``head`` = final norm + classifier]:
             ``classifier``, ``head`` or ``last_stage_and_head``.
         freeze_earlier_stages: in backbone phase k, keep stages < k frozen (the paper; ``False`` is
-            the option of METHODS.md §4: they learn from stage k's mimic loss too).
+            the project's alternative reading: they learn from stage k's mimic loss too).
         mimic_weight: weight of every mimic loss (1: the raw squared error). Only the ``joint_ce``
             ablation needs another value, where it balances the cross-entropy.
         mimic_reduction: ``channel_sum`` [chosen]: squared feature distance per position (summed over

@@ -1,6 +1,6 @@
 """A frozen teacher that stays out of the optimiser, the checkpoint, DDP and SyncBatchNorm.
 
-The teacher is held as a plain attribute, not a registered child (DESIGN.md pitfalls): it is not in
+The teacher is held as a plain attribute, not a registered child (docs/design.md#the-frozen-teacher): it is not in
 ``state_dict`` (the checkpoint records its weights file and SHA-256 instead, and the name the file was
 resolved from, such as ``timm:resnet50.a1_in1k``), DDP neither wraps nor broadcasts it,
 ``sync_batchnorm`` does not convert it, and ``model.train()`` leaves it in eval mode.

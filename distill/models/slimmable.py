@@ -1,5 +1,5 @@
 """Weight-sharing widths for any zoo model, the teacher side of PWKD (Zhang, Zhang, Sun, 2021,
-"Partial to Whole Knowledge Distillation"; METHODS.md §3).
+"Partial to Whole Knowledge Distillation"; docs/paradigms/pwkd.md#project-choices).
 
 :func:`make_slimmable` converts a model in place: every ``Conv2d``, ``BatchNorm2d`` and ``Linear``
 becomes its slimmable subclass (same parameter names, same tensors), so the full width is the

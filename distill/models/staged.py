@@ -1,4 +1,4 @@
-"""The staged interface every model of the zoo exposes (DESIGN.md, "Staged network").
+"""The staged interface every model of the zoo exposes (docs/design.md#the-staged-interface).
 
 A staged network is ``stem -> stages[0] -> ... -> stages[-1] -> head``. Methods read features
 through this interface instead of forward hooks, so nothing breaks under DDP's ``module.`` prefix

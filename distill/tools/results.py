@@ -173,7 +173,8 @@ def build_table(runs: list[Run]) -> Table:
 
 
 def column_order(column: str) -> tuple[int, str]:
-    """Teacher, student, then the anchor table's methods (METHODS.md §1), then the rest by name."""
+    """Teacher, student, then the anchor table's methods (docs/reproduction.md#reproducing-the-cifar-100-table),
+    then the rest by name."""
     base = column.split(" (")[0]
     return (FIRST_COLUMNS.index(base) if base in FIRST_COLUMNS else len(FIRST_COLUMNS), column)
 
