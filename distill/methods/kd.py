@@ -20,7 +20,7 @@ from .. import checks
 from ..data.teacher_cache import TeacherCache, describe_run
 from ..errors import ConfigError
 from ..losses.term import TEACHER_FIELDS, DistillTerm
-from ..models import create_model
+from ..models import StagedNet, create_model
 from ..models.staged import dry_run, require_outputs
 from ..stages import Stage
 from .base import MAIN, DistillModule
@@ -66,6 +66,16 @@ def teacher_cache_refusals(method: type, terms: Iterable[tuple[str, DistillTerm 
             cls = term if isinstance(term, type) else type(term)
             reasons.append(f"term {name!r} ({cls.__name__}) reads the teacher's {', '.join(sorted(extra))}")
     return reasons
+
+
+def prepare_term_outputs(term: DistillTerm, student: StagedNet, teacher: StagedNet) -> bool:
+    """Refuse a term that reads an output one of the networks cannot give, and make the networks keep
+    their pre-activations where the term reads them; return whether it reads the teacher's."""
+    for role, net, fields in (("teacher", teacher, term.reads_teacher), ("student", student, term.student_fields)):
+        require_outputs(type(term).__name__, fields, **{role: net})
+        if "preacts" in fields:
+            net.keep_preacts()
+    return "preacts" in term.reads_teacher
 
 
 class OfflineKD(TeacherMixin, DistillModule):
@@ -135,13 +145,7 @@ class OfflineKD(TeacherMixin, DistillModule):
         a term that reads an output a network cannot give, and make the networks keep their pre-activations
         where a term reads them (OFD, ReviewKD)."""
         for term in self.terms:
-            for role, net, fields in (
-                ("teacher", self.teacher, term.reads_teacher),
-                ("student", self.student, term.student_fields),
-            ):
-                require_outputs(type(term).__name__, fields, **{role: net})
-                if "preacts" in fields:
-                    net.keep_preacts()
+            prepare_term_outputs(term, self.student, self.teacher)
         s = dry_run(self.student, self.in_chans, self.image_size)
         t = dry_run(self.teacher, self.in_chans, self.image_size)
         for term in self.terms:

@@ -35,11 +35,11 @@ from ..errors import ConfigError
 from ..losses.kd import kd_loss
 from ..losses.term import DistillTerm
 from ..models import StagedNet, StagedOutput, create_model, read_state_dict
-from ..models.staged import dry_run, evaluating, preact_bn_of, require_outputs
+from ..models.staged import dry_run, evaluating, preact_bn_of
 from ..models.weights import WeightLoadError, file_sha256, load_checkpoint
 from .base import MAIN
 from .card import Network
-from .kd import OfflineKD, unique_names
+from .kd import OfflineKD, prepare_term_outputs, unique_names
 
 KBM_STATE_PREFIX = "kbm.net."  # + a teacher state_dict key = the KBM's key in the method's state_dict
 KBM_LOSSES = ("kbm_ce", "kbm_kl_teacher", "kbm_kl_student")  # the rest of the loss terms train the student
@@ -294,21 +294,14 @@ class SOKD(OfflineKD):
                     "run (its feature target, the KBM, trains with the student from the first step); use the term "
                     "with OfflineKD, PWKD or KR"
                 )
-            for role, net, fields in (
-                ("teacher", self.teacher, term.reads_teacher),
-                ("student", self.student, term.student_fields),
-            ):
-                require_outputs(type(term).__name__, fields, **{role: net})
-                if "preacts" in fields:
-                    net.keep_preacts()
-                    if role == "teacher":
-                        if not self.kbm.gives_preacts:
-                            raise ConfigError(
-                                f"SOKD terms: {name!r} ({type(term).__name__}) reads pre-activations, which the "
-                                f"KBM of a {type(self.kbm.net).__name__} teacher cannot give stage by stage; use a "
-                                "term without pre-activations or a ResNet-style teacher"
-                            )
-                        self.kbm.net.keep_preacts()
+            if prepare_term_outputs(term, self.student, self.teacher):
+                if not self.kbm.gives_preacts:
+                    raise ConfigError(
+                        f"SOKD terms: {name!r} ({type(term).__name__}) reads pre-activations, which the KBM of a "
+                        f"{type(self.kbm.net).__name__} teacher cannot give stage by stage; use a term without "
+                        "pre-activations or a ResNet-style teacher"
+                    )
+                self.kbm.net.keep_preacts()
         s = dry_run(self.student, self.in_chans, self.image_size)
         t = dry_run(self.teacher, self.in_chans, self.image_size)
         with evaluating(self.kbm):
