@@ -314,7 +314,10 @@ def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(i
     messages = []
     handler = logging.Handler()
     handler.emit = lambda record: messages.append(record.getMessage())
-    logging.getLogger("pytorch_lightning").addHandler(handler)
+    logger = logging.getLogger("pytorch_lightning")
+    level = logger.level  # another test in this process may have quietened it (the demo's quiet())
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
     try:
         main(
             [
@@ -333,7 +336,8 @@ def test_sskd_runs_through_cli_on_fake_cifar_and_says_when_top1_is_meaningless(i
             ]
         )
     finally:
-        logging.getLogger("pytorch_lightning").removeHandler(handler)
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     run = in_tmp / "runs/cifar100/sskd/resnet56-resnet20/version_0"
     rows = read_metrics(run)
     logged = {k for r in rows for k in r}
