@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, parser, write_json  # noqa: E402
 
+from distill.demo import init_worker  # noqa: E402
 from distill.tools.runs import latest_version, read_metrics, series  # noqa: E402
 from distill.tools.stats import PairedDifference, paired_difference  # noqa: E402
 
@@ -151,13 +152,6 @@ def fit_args(row: Row, seed: int | None, runs: Path, teacher_ckpt: Path | None, 
 
 
 # ---- running -----------------------------------------------------------------------------------
-def init_worker(threads: int) -> None:
-    torch.set_num_threads(threads)
-    from distill.demo import quiet
-
-    quiet()
-
-
 @cache
 def test_batches(data_dir: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """The 10,000 test images, normalised as in training, and their labels (read once per process)."""

@@ -68,12 +68,14 @@ JOBS = [
 TEACHERS = (TEACHER_RUN, "pwkd_teacher")
 
 
-def run_job(
-    job: Job, save_dir: Path, teacher_ckpt: Path | None, epochs: int | None, threads: int | None = None
-) -> tuple[Path, float]:
+def init_worker(threads: int | None) -> None:
+    """A job process: ``threads`` torch threads (``None``: torch's default) and the demo's quiet output."""
     if threads is not None:
         torch.set_num_threads(threads)
-        quiet()
+    quiet()
+
+
+def run_job(job: Job, save_dir: Path, teacher_ckpt: Path | None, epochs: int | None) -> tuple[Path, float]:
     args = ["fit"]
     for config in job.configs:
         args += ["--config", str(CONFIGS / config)]
@@ -96,13 +98,15 @@ def run_jobs(jobs: list[Job], save_dir: Path, epochs: int | None, parallel: int)
     pending, ckpts = list(jobs), {}
     running: dict[Future, Job] = {}
     threads = 1 if parallel > 1 else None
-    with ProcessPoolExecutor(parallel, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(
+        parallel, mp_context=get_context("spawn"), initializer=init_worker, initargs=(threads,)
+    ) as pool:
         while pending or running:
             ready = [j for j in pending if not j.needs_teacher or j.teacher_job in ckpts]
             for job in ready[: parallel - len(running)]:
                 pending.remove(job)
                 teacher = ckpts.get(job.teacher_job)
-                running[pool.submit(run_job, job, save_dir, teacher, epochs, threads)] = job
+                running[pool.submit(run_job, job, save_dir, teacher, epochs)] = job
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 job = running.pop(future)

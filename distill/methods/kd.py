@@ -47,10 +47,10 @@ def unique_names(terms: list[DistillTerm]) -> list[str]:
 
 def step_reads_teacher(method: type) -> frozenset[str]:
     """The teacher outputs ``method.main_losses`` (the main training step) reads besides its terms, as
-    declared (``training_reads_teacher``) by the class that defines that ``main_losses``; a class that
+    declared (``main_reads_teacher``) by the class that defines that ``main_losses``; a class that
     overrides it without declaring reads every field (the conservative answer, as for terms)."""
     owner = next(cls for cls in method.__mro__ if "main_losses" in vars(cls))
-    return vars(owner).get("training_reads_teacher", TEACHER_FIELDS)
+    return vars(owner).get("main_reads_teacher", TEACHER_FIELDS)
 
 
 def teacher_cache_refusals(method: type, terms: Iterable[tuple[str, DistillTerm | type]]) -> list[str]:
@@ -97,7 +97,7 @@ class OfflineKD(TeacherMixin, DistillModule):
     """
 
     eval_names = (MAIN, "teacher")  # the teacher's val top-1 is measured in the first validation
-    training_reads_teacher = frozenset()  # beside its terms, main_losses reads no teacher output
+    main_reads_teacher = frozenset()  # beside its terms, main_losses reads no teacher output
 
     @classmethod
     def card(cls, args) -> RunCard:

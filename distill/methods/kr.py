@@ -254,7 +254,7 @@ class KR(OfflineKD):
         seed: seed of the k-means seeding and of the random prior.
     """
 
-    training_reads_teacher = frozenset()  # the prior penalty reads priors built at construction, no teacher output
+    main_reads_teacher = frozenset()  # the prior penalty reads priors built at construction, no teacher output
 
     def __init__(
         self,
