@@ -6,7 +6,8 @@ resnet8 student, CE 0.1 + KD 0.9 (τ = 4), SGD (momentum 0.9, weight decay 5e-4)
 schedule. The ``distill`` side is the real CLI (``distill.cli.main(["fit", ...])``: logging every
 ``log_every_n_steps`` = 50, train metrics, checkpoint callbacks, preemption handler, run summary);
 the plain side is a loop written by hand. Validation is off on both sides (``limit_val_batches=0``)
-and the fits stop within the first epoch.
+and the fits stop within the first epoch. Both sides run in the same memory layout: contiguous NCHW
+(``distill``'s default), or channels_last with ``--channels-last`` (``model.channels_last``).
 
 Every run is its own process, timed from just before the fit starts to its end, once for N₁ and
 once for N₂ steps: ``(T(N₂) − T(N₁)) / (N₂ − N₁)`` is the time of one step with start-up, data
@@ -16,7 +17,7 @@ medians over the repeats are reported with their spread. The host overhead is
 ``distill − plain`` seconds per step: at batch 4 the compute is small and it is nearly all host
 work. Each process reports its peak resident memory (``ru_maxrss``).
 
-    python benchmarks/step_overhead.py [--device cuda [--compile]] [--repeats 5] [--quick]
+    python benchmarks/step_overhead.py [--device cuda [--compile]] [--channels-last] [--repeats 5] [--quick]
 
 ``--compile`` compiles every network in ``torch.compile``'s ``reduce-overhead`` mode (CUDA graphs)
 on both sides. ``--quick`` runs a few steps on a fake, tiny Fashion-MNIST: a smoke test, not a
@@ -47,7 +48,7 @@ SIDES = ("distill", "plain")
 
 
 # ---- the two sides, each run in its own process -----------------------------------------------
-def distill_fit(data_dir: Path, batch_size: int, steps: int, device: str, compile_mode: str | None, logs: Path):
+def distill_fit(data_dir: Path, batch_size: int, steps: int, device: str, options: dict, logs: Path):
     from distill.cli import main
 
     args = [
@@ -71,30 +72,34 @@ def distill_fit(data_dir: Path, batch_size: int, steps: int, device: str, compil
         f"--trainer.default_root_dir={logs}",
         f"--trainer.logger.init_args.save_dir={logs}",
     ]
-    if compile_mode:
-        args.append(f"--model.init_args.compile={compile_mode}")
+    if options["compile"]:
+        args.append(f"--model.init_args.compile={options['compile']}")
+    if options["channels_last"]:
+        args.append("--model.init_args.channels_last=true")
     sys.argv = sys.argv[:1]  # LightningCLI reads args=..., not this process's own arguments
     main(args)
 
 
 def random_crop_flip(images, generator):
-    """Per image: zero-pad by ``PAD``, crop back at a uniform offset, flip with p = 0.5 (advanced indexing)."""
+    """Per image: zero-pad by ``PAD``, crop back at a uniform offset, flip with p = 0.5 (advanced
+    indexing broadcast to ``(N, C, H, W)``, so the result is contiguous NCHW, as ``distill``'s batches)."""
     import torch
     import torch.nn.functional as F
 
-    n, _, h, w = images.shape
+    n, c, h, w = images.shape
     device = images.device
     padded = F.pad(images, (PAD, PAD, PAD, PAD))
-    top = torch.randint(0, 2 * PAD + 1, (n, 1, 1), device=device, generator=generator)
-    left = torch.randint(0, 2 * PAD + 1, (n, 1, 1), device=device, generator=generator)
-    flip = torch.rand(n, 1, 1, device=device, generator=generator) < 0.5
+    top = torch.randint(0, 2 * PAD + 1, (n, 1, 1, 1), device=device, generator=generator)
+    left = torch.randint(0, 2 * PAD + 1, (n, 1, 1, 1), device=device, generator=generator)
+    flip = torch.rand(n, 1, 1, 1, device=device, generator=generator) < 0.5
     cols = torch.arange(w, device=device)
     cols = left + torch.where(flip, cols.flip(0), cols)
     rows = top + torch.arange(h, device=device)[:, None]
-    return padded[torch.arange(n, device=device)[:, None, None], :, rows, cols].permute(0, 3, 1, 2)
+    batch, channel = torch.arange(n, device=device)[:, None, None, None], torch.arange(c, device=device)[:, None, None]
+    return padded[batch, channel, rows, cols]
 
 
-def plain_fit(data_dir: Path, batch_size: int, steps: int, device: str, compile_mode: str | None):
+def plain_fit(data_dir: Path, batch_size: int, steps: int, device: str, options: dict):
     """A hand-written loop: the same data, augmentation, networks, losses, optimiser and schedule."""
     import torch
     import torch.nn.functional as F
@@ -109,9 +114,12 @@ def plain_fit(data_dir: Path, batch_size: int, steps: int, device: str, compile_
     labels = read("train-labels-idx1-ubyte.gz", 8).long()
     student = create_model(STUDENT, num_classes=10, in_chans=1).to(device).train()
     teacher = create_model(TEACHER, num_classes=10, in_chans=1).to(device).eval().requires_grad_(False)
+    layout = torch.channels_last if options["channels_last"] else torch.contiguous_format
+    student, teacher = student.to(memory_format=layout), teacher.to(memory_format=layout)
     run_student, run_teacher = student, teacher
-    if compile_mode:
-        run_student, run_teacher = torch.compile(student, mode=compile_mode), torch.compile(teacher, mode=compile_mode)
+    if options["compile"]:
+        mode = options["compile"]
+        run_student, run_teacher = torch.compile(student, mode=mode), torch.compile(teacher, mode=mode)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 ** sum(step >= m for m in (150, 180)))
     generator = torch.Generator(device=device).manual_seed(0)
@@ -124,7 +132,7 @@ def plain_fit(data_dir: Path, batch_size: int, steps: int, device: str, compile_
             if device == "cuda":  # pinned, so the copy is asynchronous (distill pins its batches too)
                 x, y = x.pin_memory(), y.pin_memory()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = (random_crop_flip(x, generator).float() / 255 - MEAN) / STD
+            x = ((random_crop_flip(x, generator).float() / 255 - MEAN) / STD).contiguous(memory_format=layout)
             logits = run_student(x)
             with torch.no_grad():
                 teacher_logits = run_teacher(x)
@@ -142,16 +150,16 @@ def plain_fit(data_dir: Path, batch_size: int, steps: int, device: str, compile_
         torch.cuda.synchronize()
 
 
-def child(side: str, data_dir: Path, batch_size: int, steps: int, device: str, compile_mode: str | None) -> dict:
+def child(side: str, data_dir: Path, batch_size: int, steps: int, device: str, options: dict) -> dict:
     """Run one side in this process; its seconds from just before the fit to its end, and peak RSS."""
     importlib.import_module("distill.cli" if side == "distill" else "distill.models")  # imports are not timed
 
     with tempfile.TemporaryDirectory() as logs:
         wall, cpu = time.perf_counter(), time.process_time()
         if side == "distill":
-            distill_fit(data_dir, batch_size, steps, device, compile_mode, Path(logs))
+            distill_fit(data_dir, batch_size, steps, device, options, Path(logs))
         else:
-            plain_fit(data_dir, batch_size, steps, device, compile_mode)
+            plain_fit(data_dir, batch_size, steps, device, options)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -160,6 +168,7 @@ def run_child(side: str, data_dir: Path, batch_size: int, steps: int, args) -> d
     command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--data-dir", str(data_dir)]
     command += ["--child-batch-size", str(batch_size), "--child-steps", str(steps), "--device", args.device]
     command += ["--compile"] if args.compile else []
+    command += ["--channels-last"] if args.channels_last else []
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
@@ -231,6 +240,9 @@ def main(argv: list[str] | None = None) -> dict:
         help="wall: elapsed seconds; cpu: the process's CPU seconds (with --threads 1: robust to other load)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile mode reduce-overhead (CUDA graphs)")
+    p.add_argument(
+        "--channels-last", action="store_true", help="both sides in channels_last (distill: model.channels_last)"
+    )
     p.add_argument("--data-dir", type=Path, default=FASHION_MNIST)
     p.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of both sides (default: torch's, one per core)"
@@ -239,9 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--child-batch-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    compile_mode = "reduce-overhead" if args.compile else None
+    options = {"compile": "reduce-overhead" if args.compile else None, "channels_last": args.channels_last}
     if args.child:
-        result = child(args.child, args.data_dir, args.child_batch_size, args.child_steps, args.device, compile_mode)
+        result = child(args.child, args.data_dir, args.child_batch_size, args.child_steps, args.device, options)
         print(json.dumps(result))
         return result
     with tempfile.TemporaryDirectory() as tmp:
@@ -250,7 +262,8 @@ def main(argv: list[str] | None = None) -> dict:
             args.data_dir = write_fake_fashion_mnist(Path(tmp), n_train=64, n_test=16)
         rows = measure(args.data_dir, args)
     print_table(
-        f"distill fit vs a plain PyTorch loop, whole step ({args.device}{', compiled' if args.compile else ''}; "
+        f"distill fit vs a plain PyTorch loop, whole step ({args.device}{', compiled' if args.compile else ''}"
+        f"{', channels_last' if args.channels_last else ', NCHW'}; "
         f"Fashion-MNIST, KD {TEACHER} -> {STUDENT}; median of {args.repeats} interleaved repeats, "
         "N₂ − N₁ steps)",
         [
@@ -273,7 +286,8 @@ def main(argv: list[str] | None = None) -> dict:
             for r in rows
         ],
     )
-    write_json("step_overhead", args, {"results": rows})
+    variant = ("-compile" if args.compile else "") + ("-channels_last" if args.channels_last else "")
+    write_json(f"step_overhead-{args.device}{variant}", args, {"results": rows})
     return {"results": rows}
 
 
