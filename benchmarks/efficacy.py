@@ -78,6 +78,13 @@ ROWS = [
     ),
     Row("sskd", "SSKD", ("pair.yaml", "sskd.yaml"), control="sskd_joint_ce", panel="sskd"),
     Row(
+        "sskd_random_head",
+        "SSKD, head phase from a random classifier",
+        ("pair.yaml", "sskd.yaml", "../sskd/ablations/random_head.yaml"),
+        control="sskd",
+        panel="sskd",
+    ),
+    Row(
         "sskd_joint_ce",
         "SSKD joint CE (no decomposition)",
         ("pair.yaml", "sskd.yaml", "../sskd/ablations/joint_ce.yaml"),
@@ -112,7 +119,7 @@ ROWS = [
 PANELS = {
     "methods": ("student", "kd", "dml", "sokd", "sskd", "kr_kd", "pwkd_kd"),
     "pwkd": ("kd", "pwkd_kd", "pwkd_whole_only"),
-    "sskd": ("student", "sskd", "sskd_joint_ce"),
+    "sskd": ("student", "sskd", "sskd_random_head", "sskd_joint_ce"),
     "sokd": ("kd", "sokd", "sokd_no_student_kl"),
     "kr": ("kd", "kr_kd", "kr_init_only", "kr_penalty_only", "kr_random_prior", "kr_beta_5e-3", "kr_beta_5e-1"),
 }

@@ -15,6 +15,7 @@ from rank_dump import run_two_ranks
 from distill.callbacks import StagePlan
 from distill.cli import build_cli, main
 from distill.data import DigitsDataModule
+from distill.errors import ConfigError
 from distill.methods.base import require_unused_parameter_search
 from distill.methods.sskd import SSKD, mimic_loss
 from distill.models import create_model
@@ -212,6 +213,7 @@ def test_pair_configs_compose_with_sskd(in_tmp, pair, adapters, epochs):
         ("head_and_last_stage", ["stage 1", "stage 2", "stage 3", "head"], 2, "cyclic"),
         ("classifier_only", ["stage 1", "stage 2", "stage 3", "head"], 4, "cyclic"),
         ("step_lr", ["stage 1", "stage 2", "stage 3", "head"], 3, "step"),
+        ("random_head", ["stage 1", "stage 2", "stage 3", "head"], 3, "cyclic"),
     ],
 )
 def test_ablation_configs_compose_after_sskd(in_tmp, ablation, phases, head_first, schedule):
@@ -229,6 +231,7 @@ def test_ablation_configs_compose_after_sskd(in_tmp, ablation, phases, head_firs
     )
     module, (plan,) = cli.model, [cb for cb in cli.trainer.callbacks if isinstance(cb, StagePlan)]
     assert [p.name for p in module.phases] == phases and module.phases[-1].first == head_first
+    assert module.own_head_reason == ("head_init=random" if ablation == "random_head" else None)
     plan.setup(pl.Trainer(max_epochs=240, logger=False), module, "fit")
     assert module.stage_schedule.policies == [schedule] * len(phases)
     stage2 = [p for p in module.phases if p.name == "stage 2"]
@@ -434,3 +437,87 @@ def test_default_phase_epochs_give_the_head_a_tenth_and_the_stages_the_rest():
     assert split("joint_mimic", 30) == [27, 3]  # all stages, then the head
     assert split("joint_ce", 7) == [7]  # one phase
     assert stage_epochs(SSKD(student="resnet8", teacher="resnet20", **DIGITS).stages(), 8, [2, 2, 2, 2]) == [2] * 4
+
+
+# ---- where the head phase starts ------------------------------------------------------------------
+def randomise_adapter(adapter: torch.nn.Module) -> None:
+    """Non-trivial weights and BatchNorm statistics, as phase K leaves them."""
+    conv, bn = adapter
+    with torch.no_grad():
+        conv.weight.normal_()
+        bn.weight.uniform_(0.5, 2.0), bn.bias.normal_()
+        bn.running_mean.normal_(), bn.running_var.uniform_(0.5, 2.0)
+
+
+def test_head_phase_starts_from_the_teacher_classifier_folded_through_the_adapter():
+    """resnet8 (64 channels) → resnet8x4 (256): the started student's logits equal the teacher's classifier
+    reading the pooled adapter output (computed here without the fold)."""
+    torch.manual_seed(0)
+    module = SSKD(student="resnet8", teacher="resnet8x4", **DIGITS)
+    adapter = module.adapters[-1]
+    randomise_adapter(adapter)
+    assert module.own_head_reason is None
+    assert module.start_head_phase() == "from the teacher's classifier folded through the last stage's adapter"
+    module.eval()
+    images = torch.randn(5, 1, 16, 16)
+    with torch.no_grad():
+        last = module.student.forward_stages(images)[-1]
+        expected = module.teacher.head.classifier(adapter(last).mean((2, 3)))
+        assert torch.allclose(module.student(images), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_head_phase_copies_the_teacher_head_where_no_adapter_is_needed():
+    torch.manual_seed(0)
+    resnets = SSKD(student="resnet8", teacher="resnet20", **DIGITS)  # same widths, no final norm
+    assert resnets.start_head_phase() == "from the teacher's classifier"
+    for key, value in resnets.teacher.fc.state_dict().items():
+        assert torch.equal(resnets.student.fc.state_dict()[key], value), key
+    wrns = SSKD(student="wrn_16_2", teacher="wrn_40_2", **DIGITS)  # same widths, a final BN
+    with torch.no_grad():
+        wrns.teacher.bn1.running_mean.normal_(), wrns.teacher.bn1.weight.normal_()
+    assert wrns.start_head_phase() == "from the teacher's final norm and classifier"
+    for name in ("bn1", "fc"):
+        t, s = getattr(wrns.teacher, name).state_dict(), getattr(wrns.student, name).state_dict()
+        assert all(torch.equal(s[k], t[k]) for k in t), name
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        (dict(student="wrn_16_1", teacher="wrn_16_2"), "an adapter stands between the last stages"),
+        (dict(student="wrn_16_2", teacher="wrn_40_2", head_trains="classifier"), "leaves the student's final norm"),
+    ],
+)
+def test_where_the_teacher_head_cannot_start_the_student_auto_says_why_and_teacher_is_refused(kwargs, reason):
+    torch.manual_seed(0)
+    module = SSKD(**kwargs, **DIGITS)
+    before = {k: v.clone() for k, v in module.student.head.state_dict().items()}
+    assert reason in module.own_head_reason
+    assert module.start_head_phase().startswith("from the student's own classifier (")
+    assert all(torch.equal(before[k], v) for k, v in module.student.head.state_dict().items())
+    refused = f"head_init=teacher: the teacher's head cannot start the student's .*{reason}"
+    with pytest.raises(ConfigError, match=refused):
+        SSKD(**kwargs, head_init="teacher", **DIGITS)
+    literal = SSKD(student="resnet8", teacher="resnet20", head_init="random", **DIGITS)
+    assert literal.own_head_reason == "head_init=random"
+
+
+class HeadAtEpochStart(pl.Callback):
+    """The student's classifier weight at every epoch start, after the StagePlan has entered the epoch's phase."""
+
+    def __init__(self):
+        self.weights = []
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        self.weights.append(pl_module.student.fc.weight.detach().clone())
+
+
+@pytest.mark.slow
+def test_the_fit_starts_the_head_phase_from_the_teacher_once_at_its_first_epoch(caplog):
+    heads = HeadAtEpochStart()
+    caplog.set_level(logging.INFO, logger="pytorch_lightning")
+    module = fit_digits([1, 1, 1, 2], StagePlan(epochs=[1, 1, 1, 2]), heads, student="resnet8", teacher="resnet20")
+    teacher_fc = module.teacher.fc.weight
+    assert [torch.equal(w, teacher_fc) for w in heads.weights] == [False, False, False, True, False]
+    assert not torch.equal(heads.weights[3], heads.weights[4])  # then it learns
+    assert "SSKD phase 4/4 (head)" in caplog.text and "it starts from the teacher's classifier" in caplog.text
