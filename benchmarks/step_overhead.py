@@ -164,6 +164,60 @@ def child(side: str, data_dir: Path, batch_size: int, steps: int, device: str, o
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+# where the distill side's step time goes: (row, file suffix, function), cumulative time per step
+PROFILE_ROWS = [
+    ("forward passes and losses (training_step)", "distill/methods/base.py", "training_step"),
+    ("  of which the step statistics (device-side sums)", "distill/methods/step_stats.py", "add"),
+    ("  of which the train top-1/top-5 hits", "distill/methods/step_stats.py", "add_hits"),
+    ("backward", "torch/autograd/__init__.py", "backward"),
+    ("gradient-norm finiteness record (on_after_backward)", "distill/methods/base.py", "on_after_backward"),
+    ("SGD update", "torch/optim/sgd.py", "sgd"),
+    ("zero_grad", "torch/optim/optimizer.py", "zero_grad"),
+    ("batch fetch (DataLoader)", "pytorch_lightning/loops/fetchers.py", "__next__"),
+    ("crop + flip + normalise (on_after_batch_transfer)", "distill/data/tensor.py", "on_after_batch_transfer"),
+    ("logging steps: finiteness read + log (on_train_batch_end)", "distill/methods/base.py", "on_train_batch_end"),
+    ("LR scheduler", "pytorch_lightning/loops/training_epoch_loop.py", "update_lr_schedulers"),
+    ("callbacks' per-step hooks", "/callbacks/", "per-step hooks"),
+]
+PER_STEP_HOOKS = {
+    "on_train_batch_start",
+    "on_train_batch_end",
+    "on_before_backward",
+    "on_after_backward",
+    "on_before_optimizer_step",
+    "on_before_zero_grad",
+}
+LOOP = ("pytorch_lightning/loops/training_epoch_loop.py", "advance")
+
+
+def profile(data_dir: Path, batch_size: int, steps: int, device: str, options: dict) -> list[dict]:
+    """The distill side under cProfile: milliseconds per step of every row of ``PROFILE_ROWS`` (cumulative,
+    so a row includes what it calls) and of Lightning's loop around them. cProfile slows Python code,
+    not kernels, so the host rows are inflated against the compute rows."""
+    import cProfile
+    import pstats
+
+    importlib.import_module("distill.cli")
+    with tempfile.TemporaryDirectory() as logs:
+        profiler = cProfile.Profile()
+        profiler.runcall(distill_fit, data_dir, batch_size, steps, device, options, Path(logs))
+    stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive, tottime, cumtime, callers)}
+
+    def per_step_ms(where: str, function: str) -> float:
+        if function == "per-step hooks":  # every callback's, summed (they do not call each other)
+            hooks = [v[3] for (file, _, name), v in stats.items() if where in file and name in PER_STEP_HOOKS]
+            return 1e3 * sum(hooks) / steps
+        times = [v[3] for (file, _, name), v in stats.items() if file.endswith(where) and name == function]
+        return 1e3 * max(times, default=0.0) / steps
+
+    rows = [{"row": row, "ms_per_step": per_step_ms(suffix, function)} for row, suffix, function in PROFILE_ROWS]
+    loop = per_step_ms(*LOOP)
+    covered = sum(r["ms_per_step"] for r in rows if not r["row"].startswith(" "))
+    rows.append({"row": "Lightning's loop and hooks outside the rows above", "ms_per_step": loop - covered})
+    rows.append({"row": "the whole training-loop step", "ms_per_step": loop})
+    return rows
+
+
 def run_child(side: str, data_dir: Path, batch_size: int, steps: int, args) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--data-dir", str(data_dir)]
     command += ["--child-batch-size", str(batch_size), "--child-steps", str(steps), "--device", args.device]
@@ -223,6 +277,24 @@ def measure(data_dir: Path, args) -> list[dict]:
     return rows
 
 
+def print_profile(args, options: dict) -> dict:
+    """Profile the distill side at the first batch size for N₂ steps (in this process); print and save it."""
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    batch_size = args.batch_sizes[0]
+    steps = (tuple(args.steps) if args.steps else default_steps(batch_size, args.device))[1]
+    rows = profile(args.data_dir, batch_size, steps, args.device, options)
+    print_table(
+        f"where distill's step time goes ({args.device}, batch {batch_size}, {steps} steps, under cProfile)",
+        ["part of the step", "ms/step"],
+        [[r["row"], f"{r['ms_per_step']:.2f}"] for r in rows],
+    )
+    write_json(f"step_profile-{args.device}", args, {"batch_size": batch_size, "steps": steps, "results": rows})
+    return {"results": rows}
+
+
 def spread(value: float, extremes: list[float], fmt: str) -> str:
     """``median (min–max)``."""
     return f"{value:{fmt}} ({extremes[0]:{fmt}}–{extremes[1]:{fmt}})"
@@ -247,6 +319,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of both sides (default: torch's, one per core)"
     )
+    p.add_argument("--profile", action="store_true", help="instead: where the distill side's step time goes (cProfile)")
     p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)  # one run, in this process
     p.add_argument("--child-batch-size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
@@ -260,6 +333,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.quick:
             args.batch_sizes, args.steps, args.repeats, args.threads = [4], [2, 4], 1, args.threads or 1
             args.data_dir = write_fake_fashion_mnist(Path(tmp), n_train=64, n_test=16)
+        if args.profile:
+            return print_profile(args, options)
         rows = measure(args.data_dir, args)
     print_table(
         f"distill fit vs a plain PyTorch loop, whole step ({args.device}{', compiled' if args.compile else ''}"

@@ -78,3 +78,17 @@ def test_efficacy_quick_mode_runs_every_row_and_compares_paired_seeds(tmp_path, 
     assert (out.with_suffix(".md")).read_text().count("\n| ") == len(rows)
     assert (tmp_path / "efficacy-quick_val_top1.png").read_bytes()[:4] == b"\x89PNG"
     assert payload["wall_s"] > 0 and record["options"]["quick"]
+
+
+@pytest.mark.slow
+def test_step_profile_rows_add_up_to_the_whole_step_without_double_counting(tmp_path):
+    spec = importlib.util.spec_from_file_location("benchmark_step_overhead", BENCHMARKS / "step_overhead.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "profile.json"
+    script.main(["--quick", "--profile", "--device", "cpu", "--out", str(out)])
+    rows = {r["row"]: r["ms_per_step"] for r in json.loads(out.read_text())["results"]}
+    whole = rows.pop("the whole training-loop step")
+    assert whole > 0 and all(value >= 0 for value in rows.values()), rows  # the remainder row is not negative
+    top_level = [value for row, value in rows.items() if not row.startswith(" ")]
+    assert sum(top_level) == pytest.approx(whole)
