@@ -21,6 +21,7 @@ fit on two threads, as these networks are too small for two threads to help much
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import statistics
@@ -116,6 +117,7 @@ ROWS = [
         panel="pwkd",
     ),
 ]
+REFERENCE_ROWS = {"student", "kd"}  # shown in panels for reference: a panel of only these is not drawn
 PANELS = {
     "methods": ("student", "kd", "dml", "sokd", "sskd", "kr_kd", "pwkd_kd"),
     "pwkd": ("kd", "pwkd_kd", "pwkd_whole_only"),
@@ -399,9 +401,11 @@ def plot(records: list[dict], path: Path) -> Path:
     from distill.tools.plots import plot_mean_curve, shade_stages
 
     by_row = {r["row"]: r for r in records if "per_seed" in r}
-    fig = Figure(figsize=(13, 11), layout="constrained")
-    axes = fig.subplots(3, 2).flatten()
-    for ax, (panel, names) in zip(axes, PANELS.items()):
+    panels = {p: names for p, names in PANELS.items() if any(n in by_row for n in names if n not in REFERENCE_ROWS)}
+    grid_rows = max(1, math.ceil(len(panels) / 2))
+    fig = Figure(figsize=(13, 3.7 * grid_rows), layout="constrained")
+    axes = fig.subplots(grid_rows, 2, squeeze=False).flatten()
+    for ax, (panel, names) in zip(axes, panels.items()):
         starts, end = set(), 0
         for name in (n for n in names if n in by_row):
             runs = [SimpleNamespace(metrics=read_metrics(s["run"])) for s in by_row[name]["per_seed"].values()]
@@ -411,7 +415,7 @@ def plot(records: list[dict], path: Path) -> Path:
         ax.set(xlabel="epoch", ylabel="held-out val top-1 (%)", title=PANEL_TITLES[panel])
         ax.grid(alpha=0.3)
         ax.legend(fontsize="x-small", loc="lower right")
-    for ax in axes[len(PANELS) :]:
+    for ax in axes[len(panels) :]:
         ax.set_visible(False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)

@@ -29,7 +29,7 @@ The project's readings [chosen] (docs/paradigms/sskd.md#project-choices), each a
   stage's adapter, folded into it, where there is one) already reads the student's features. From a
   random classifier the head phase's short budget did not converge: on the efficacy study's data
   a linear probe of the frozen backbone reached 79.4 % (mean of 3 seeds) while the head phase ended
-  at 54.8 %; started from the teacher's head it reached 76.0 % in the same two epochs
+  at 54.8 %; started from the teacher's head the same runs end at 75.1 %
   (docs/paradigms/sskd.md#where-the-head-phase-starts).
 
 Freezing (docs/design.md#freezing-under-ddp): frozen parts run without autograd, their BatchNorm is put back in
