@@ -66,28 +66,30 @@ def probe(train: torch.Tensor, train_y: torch.Tensor, test: torch.Tensor, test_y
     return 100 * clf.score((b - mean) / std, test_y.numpy()), 100 * clf.score((a - mean) / std, train_y.numpy())
 
 
+def top1(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    return 100 * logits.argmax(1).eq(targets).float().mean().item()
+
+
+@torch.no_grad()
 def measure(run: Path, teacher, data, teacher_test: list[torch.Tensor]) -> dict:
     (train_x, train_y), (test_x, test_y) = data
     net = load_network(run / "checkpoints" / "last.ckpt").model
-    test_stages, train_stages = stage_outputs(net, test_x), stage_outputs(net, train_x)
-    with torch.no_grad():
-        own = net.head(test_stages[-1]).argmax(1).eq(test_y).float().mean().item() * 100
-        fits = test_stages[-1].shape == teacher_test[-1].shape
-        via_teacher = teacher.head(test_stages[-1]).argmax(1).eq(test_y).float().mean().item() * 100 if fits else None
-    unexplained = [
-        ((s - t).square().sum() / (t - t.mean(0)).square().sum()).item() if s.shape == t.shape else None
-        for s, t in zip(test_stages, teacher_test)
-    ]
+    test_stages = stage_outputs(net, test_x)
+    # the pooled embedding the classifier reads (after a final norm, where there is one)
+    train_embedding = net.head.features(stage_outputs(net, train_x)[-1])[1]
+    test_embedding = net.head.features(test_stages[-1])[1]
+    fits = test_stages[-1].shape == teacher_test[-1].shape
+    probe_test, probe_train = probe(train_embedding, train_y, test_embedding, test_y)
     train_top1 = series(read_metrics(run), "train/top1")
-    with torch.no_grad():  # the pooled embedding the classifier reads (after a final norm, where there is one)
-        embeddings = [net.head.features(stages[-1])[1] for stages in (train_stages, test_stages)]
-    probe_test, probe_train = probe(embeddings[0], train_y, embeddings[1], test_y)
     return {
-        "own_head_test_top1": own,
+        "own_head_test_top1": top1(net.head.classifier(test_embedding), test_y),
         "probe_test_top1": probe_test,
         "probe_train_top1": probe_train,
-        "teacher_head_test_top1": via_teacher,
-        "unexplained_variance_per_stage": unexplained,
+        "teacher_head_test_top1": top1(teacher.head(test_stages[-1]), test_y) if fits else None,
+        "unexplained_variance_per_stage": [
+            ((s - t).square().sum() / (t - t.mean(0)).square().sum()).item() if s.shape == t.shape else None
+            for s, t in zip(test_stages, teacher_test)
+        ],
         "last_epoch_train_top1": 100 * train_top1[-1][1] if train_top1 else None,
     }
 

@@ -174,7 +174,8 @@ def child(side: str, data_dir: Path, batch_size: int, steps: int, device: str, o
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-# where the distill side's step time goes: (row, file suffix, function), cumulative time per step
+# where the distill side's step time goes: (row, file suffix, function), cumulative time per step; a
+# set of functions is summed over every file containing the path part (the callbacks' hooks)
 PROFILE_ROWS = [
     ("forward passes and losses (training_step)", "distill/methods/base.py", "training_step"),
     ("  of which the step statistics (device-side sums)", "distill/methods/step_stats.py", "add"),
@@ -187,16 +188,19 @@ PROFILE_ROWS = [
     ("crop + flip + normalise (on_after_batch_transfer)", "distill/data/tensor.py", "on_after_batch_transfer"),
     ("logging steps: finiteness read + log (on_train_batch_end)", "distill/methods/base.py", "on_train_batch_end"),
     ("LR scheduler", "pytorch_lightning/loops/training_epoch_loop.py", "update_lr_schedulers"),
-    ("callbacks' per-step hooks", "/callbacks/", "per-step hooks"),
+    (
+        "callbacks' per-step hooks",
+        "/callbacks/",
+        {
+            "on_train_batch_start",
+            "on_train_batch_end",
+            "on_before_backward",
+            "on_after_backward",
+            "on_before_optimizer_step",
+            "on_before_zero_grad",
+        },
+    ),
 ]
-PER_STEP_HOOKS = {
-    "on_train_batch_start",
-    "on_train_batch_end",
-    "on_before_backward",
-    "on_after_backward",
-    "on_before_optimizer_step",
-    "on_before_zero_grad",
-}
 LOOP = ("pytorch_lightning/loops/training_epoch_loop.py", "advance")
 
 
@@ -213,10 +217,11 @@ def profile(data_dir: Path, batch_size: int, steps: int, device: str, options: d
         profiler.runcall(distill_fit, data_dir, batch_size, steps, device, options, Path(logs))
     stats = pstats.Stats(profiler).stats  # {(file, line, function): (calls, primitive, tottime, cumtime, callers)}
 
-    def per_step_ms(where: str, function: str) -> float:
-        if function == "per-step hooks":  # every callback's, summed (they do not call each other)
-            hooks = [v[3] for (file, _, name), v in stats.items() if where in file and name in PER_STEP_HOOKS]
+    def per_step_ms(where: str, function: str | set[str]) -> float:
+        if isinstance(function, set):  # every callback's hooks, summed (they do not call each other)
+            hooks = [v[3] for (file, _, name), v in stats.items() if where in file and name in function]
             return 1e3 * sum(hooks) / steps
+        # the outermost entry of the function (an entry per definition line; nested ones are inside it)
         times = [v[3] for (file, _, name), v in stats.items() if file.endswith(where) and name == function]
         return 1e3 * max(times, default=0.0) / steps
 
