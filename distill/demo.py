@@ -3,13 +3,15 @@
 Every job is an ordinary ``distill fit`` of the configs in ``lightning_configs/digits/`` (the same
 path a researcher takes), run under ``runs/demo/<time>/``, two at a time with one thread each
 (``--jobs``; [chosen] on two cores this is faster than one fit on two threads: these networks are too
-small for a second thread to help), each as soon as its teacher has finished, the students validated
-every third epoch (``STUDENT_VALIDATION_EVERY``); the results tool reads
+small for a second thread to help), each as soon as its teacher has finished, every job validated
+every third epoch (``VALIDATION_EVERY``); the results tool reads
 those runs back into ``results.md`` and plots (``python -m distill.tools.results``). The printed
 table gives every network's last-epoch top-1 on the 359 test images (the digits' validation split is
-their test split) and its difference to the student from scratch in points and in test images; a
-difference of less than one image is marked unresolved, and one seed cannot resolve seed-to-seed
-variation at all (the Fashion-MNIST study, ``benchmarks/efficacy.py``, does that). PWKD is shown next
+their test split) and its difference to the student from scratch in points and in test images. Every
+method runs at one seed (0); the student from scratch at three (``STUDENT_SEEDS``), whose mean is the
+reference and whose range shows how far one seed moves a number here. A difference of less than one
+image, or a number inside that range, is marked unresolved: one seed cannot resolve seed-to-seed
+variation (the Fashion-MNIST study, ``benchmarks/efficacy.py``, does that). PWKD is shown next
 to its whole-only control (same slimmable teacher and cyclic LR, whole width in every stage).
 Numbers are whatever this machine measures; nothing is hard-coded.
 """
@@ -18,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
+import sys
 import time
 import warnings
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -49,9 +53,23 @@ class Job:
 
 
 STUDENT_RUN = "student"
+# [chosen] the student from scratch, the cheapest job, runs at three seeds: their spread is the demo's
+# noise floor, and every method's one-seed number is compared with their mean and range
+STUDENT_SEEDS = (0, 1, 2)
+
+
+def student_run(seed: int) -> str:
+    """The run name of the student from scratch at ``seed`` (seed 0, every other job's seed: ``student``)."""
+    return STUDENT_RUN if seed == 0 else f"{STUDENT_RUN}_seed{seed}"
+
+
+STUDENT_RUNS = tuple(student_run(seed) for seed in STUDENT_SEEDS)
 JOBS = [
     Job(TEACHER_RUN, ["teacher.yaml"], needs_teacher=False, label="teacher (resnet20)"),
-    Job(STUDENT_RUN, ["student.yaml"], needs_teacher=False, label="student from scratch (resnet8)"),
+    *(
+        Job(student_run(seed), ["student.yaml"], needs_teacher=False, extra=[f"--seed_everything={seed}"])
+        for seed in STUDENT_SEEDS
+    ),
     Job("kd", ["pair.yaml", "../methods/kd.yaml"], label="KD"),
     Job("dml", ["pair.yaml", "../methods/dml.yaml"], needs_teacher=False, label="DML"),
     Job("sskd", ["pair.yaml", "sskd.yaml"], label="SSKD"),
@@ -67,9 +85,14 @@ JOBS = [
     ),
 ]
 TEACHERS = (TEACHER_RUN, "pwkd_teacher")
-# [chosen] students validate every third epoch (of 60, the last one included): with 5 training steps an
-# epoch, validating the 359 test images with student and teacher every epoch took most of a fit's time
-STUDENT_VALIDATION_EVERY = 3
+# [chosen] every job validates every third epoch (the last one included: 15, 6 and 60 epochs): with 5
+# training steps an epoch, validating the 359 test images with student and teacher every epoch took
+# most of a student's fit
+VALIDATION_EVERY = 3
+MIN_EPOCHS = 4  # SSKD's three stages and head, PWKD's four widths: one epoch each at least
+# [chosen] workers are forked where that is the platform's default (Linux): they start with distill
+# already imported, about 10 s sooner on two cores; elsewhere spawned (macOS: fork is unsafe there)
+POOL_START = "fork" if sys.platform == "linux" else "spawn"
 # [chosen] which ready jobs start first: the teachers (other jobs wait for them), then the longest
 # fits (SOKD trains the student and the KBM, DML two students), so the two lanes end together
 START_FIRST = (*TEACHERS, "sokd", "dml")
@@ -98,8 +121,8 @@ def run_job(job: Job, save_dir: Path, teacher_ckpt: Path | None, epochs: int | N
         args.append(f"--model.init_args.teacher_weights={teacher_ckpt}")
     if epochs is not None:
         args.append(f"--trainer.max_epochs={epochs}")
-    if job.name not in TEACHERS and epochs is None:  # a smoke run (--epochs) validates every epoch
-        args.append(f"--trainer.check_val_every_n_epoch={STUDENT_VALIDATION_EVERY}")
+    if epochs is None:  # a smoke run (--epochs) validates every epoch
+        args.append(f"--trainer.check_val_every_n_epoch={VALIDATION_EVERY}")
     start = time.perf_counter()
     distill(args + job.extra)
     return latest_version(save_dir / job.name), time.perf_counter() - start
@@ -112,7 +135,7 @@ def run_jobs(jobs: list[Job], save_dir: Path, epochs: int | None, parallel: int)
     running: dict[Future, Job] = {}
     threads = 1 if parallel > 1 else None
     with ProcessPoolExecutor(
-        parallel, mp_context=get_context("spawn"), initializer=init_worker, initargs=(threads,)
+        parallel, mp_context=get_context(POOL_START), initializer=init_worker, initargs=(threads,)
     ) as pool:
         while pending or running:
             ready = [j for j in pending if not j.needs_teacher or j.teacher_job in ckpts]
@@ -155,17 +178,34 @@ def in_images(points: float, n_test: int) -> str:
     return f"{points:+.2f} ({images:+d} image{'s' if abs(images) > 1 else ''})"
 
 
+def versus_students(top1: float, students: list[float], n_test: int) -> str:
+    """``top1`` against the students from scratch: the difference to their mean, in points and test
+    images; unresolved under one image or inside the range of their seeds."""
+    text = in_images(top1 - statistics.mean(students), n_test)
+    if len(students) > 1 and min(students) <= top1 <= max(students) and "unresolved" not in text:
+        text = text[:-1] + ": inside the from-scratch seeds' range, unresolved)"
+    return text
+
+
 def demo_table(top1: dict[str, float], n_test: int) -> str:
-    """Markdown: every job's test top-1 (%) and its difference to the student from scratch (and, for a
-    job with a control, to the control), in points and test images."""
+    """Markdown: every job's test top-1 (%) and its difference to the student from scratch (the mean of
+    its seeds; and, for a job with a control, to the control), in points and test images."""
+    seeds = [seed for seed in STUDENT_SEEDS if student_run(seed) in top1]
+    students = [top1[student_run(seed)] for seed in seeds]
     lines = ["| network | test top-1 (%) | Δ vs student from scratch | Δ vs its control |", "|---|---|---|---|"]
     for job in JOBS:
+        if job.name == STUDENT_RUN and students:
+            spread = f" ({min(students):.2f}–{max(students):.2f})" if len(students) > 1 else ""
+            lines.append(
+                f"| student from scratch (resnet8), seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}"
+                f" | {statistics.mean(students):.2f}{spread} |  |  |"
+            )
+        if job.name in STUDENT_RUNS:
+            continue
         if job.name not in top1:
             continue
         versus_student = (
-            ""
-            if job.name in (*TEACHERS, STUDENT_RUN) or STUDENT_RUN not in top1
-            else (in_images(top1[job.name] - top1[STUDENT_RUN], n_test))
+            "" if job.name in TEACHERS or not students else versus_students(top1[job.name], students, n_test)
         )
         versus_control = in_images(top1[job.name] - top1[job.control], n_test) if job.control in top1 else ""
         lines.append(f"| {job.label} | {top1[job.name]:.2f} | {versus_student} | {versus_control} |")
@@ -179,6 +219,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", nargs="*", help="run only these jobs (the teacher always runs when needed)")
     parser.add_argument("--jobs", type=int, default=2, help="fits at a time, one thread each when > 1 (default 2)")
     args = parser.parse_args(argv)
+    if args.epochs is not None and args.epochs < MIN_EPOCHS:
+        parser.error(
+            f"--epochs {args.epochs}: expected at least {MIN_EPOCHS}, one for each of SSKD's and PWKD's stages"
+        )
     quiet()
     save_dir = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
     wanted = [j for j in JOBS if not args.only or j.name in args.only]
@@ -193,7 +237,8 @@ def main(argv: list[str] | None = None) -> None:
     n_test = len(data.test_set)
     print(
         f"\nDigits (scikit-learn): resnet20 teachers on the 1,438 training images, resnet8 students on "
-        f"{len(data.train_set)} of them ({data.train_fraction:.0%}), one seed. Top-1 of the last epoch on the "
+        f"{len(data.train_set)} of them ({data.train_fraction:.0%}), seed 0 (the student from scratch: seeds "
+        f"{', '.join(map(str, STUDENT_SEEDS))}). Top-1 of the last epoch on the "
         f"{n_test} test images (one image = {100 / n_test:.2f} points).\n"
     )
     print(demo_table(top1, n_test))

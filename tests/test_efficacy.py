@@ -38,5 +38,28 @@ def test_demo_table_gives_differences_in_test_images_and_marks_those_under_one_a
     lines = demo_table(top1, 200).splitlines()
     assert lines[0] == "| network | test top-1 (%) | Δ vs student from scratch | Δ vs its control |"
     assert "| teacher (resnet20) | 99.00 |  |  |" in lines and "| KD | 92.00 | +2.00 (+4 images) |  |" in lines
+    assert "| student from scratch (resnet8), seed 0 | 90.00 |  |  |" in lines
     assert "| PWKD:KD | 92.00 | +2.00 (+4 images) | +0.50 (+1 image) |" in lines
     assert lines[-1] == "| PWKD:KD whole only (control) | 91.50 | +1.50 (+3 images) |  |"
+
+
+def test_demo_compares_every_method_with_the_mean_of_the_students_seeds_and_their_range_is_unresolved():
+    from distill.demo import demo_table
+
+    # students 89, 90, 94: mean 91, range 89–94; 200 test images, one image = 0.5 points
+    top1 = {"student": 90.0, "student_seed1": 89.0, "student_seed2": 94.0, "kd": 95.0, "sskd": 90.5, "dml": 91.2}
+    lines = demo_table(top1, 200).splitlines()
+    assert "| student from scratch (resnet8), seeds 0, 1, 2 | 91.00 (89.00–94.00) |  |  |" in lines
+    assert not any("student_seed" in line or line.startswith("| student from scratch (resnet8) |") for line in lines)
+    assert "| KD | 95.00 | +4.00 (+8 images) |  |" in lines  # above the range: resolved at this noise floor
+    assert "| SSKD | 90.50 | -0.50 (-1 image: inside the from-scratch seeds' range, unresolved) |  |" in lines
+    assert "| DML | 91.20 | +0.20 (< 1 image: unresolved) |  |" in lines
+
+
+def test_demo_refuses_fewer_epochs_than_sskd_and_pwkd_have_stages_before_training_anything(tmp_path, capsys):
+    from distill.demo import main
+
+    with pytest.raises(SystemExit):
+        main(["--epochs", "3", "--out", str(tmp_path)])
+    assert "--epochs 3: expected at least 4, one for each of SSKD's and PWKD's stages" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
