@@ -45,6 +45,7 @@ bench: $(STAMP)  ## CPU speed measurements, as ratios against plain PyTorch base
 bench-gpu: $(STAMP)  ## the same on a GPU, plus seconds per CIFAR-100 epoch (fp32 and bf16 + channels_last + compile)
 	$(BIN)/python benchmarks/step_overhead.py --device cuda
 	$(BIN)/python benchmarks/step_overhead.py --device cuda --compile
+	$(BIN)/python benchmarks/step_overhead.py --device cuda --same-process --lightning
 	$(BIN)/python benchmarks/overhead.py --device cuda
 	$(BIN)/python benchmarks/data.py --device cuda
 	$(BIN)/python benchmarks/imagenet_data.py --device cuda --workers 8

@@ -17,7 +17,15 @@ medians over the repeats are reported with their spread. The host overhead is
 ``distill − plain`` seconds per step: at batch 4 the compute is small and it is nearly all host
 work. Each process reports its peak resident memory (``ru_maxrss``).
 
-    python benchmarks/step_overhead.py [--device cuda [--compile]] [--channels-last] [--repeats 5] [--quick]
+    python benchmarks/step_overhead.py [--device cuda [--compile]] [--channels-last]
+                                       [--same-process] [--lightning] [--repeats 5] [--quick]
+
+``--same-process`` runs the fits of a repeat (every side, N₁ and N₂) in one process, one after the
+other, alternating which side goes first, after an untimed warm-up fit of each side: whatever differs
+between two processes (what they import, where their memory lands) then cancels, at the cost of the
+per-side peak RSS. ``--lightning`` adds a third side, the plain loop's work as a bare LightningModule
+under ``Trainer.fit`` (no logger, metrics, checkpoints or callbacks), which splits the overhead into
+Lightning's own (bare − plain) and what ``distill`` adds on top of it (distill − bare).
 
 ``--compile`` compiles every network in ``torch.compile``'s ``reduce-overhead`` mode (CUDA graphs)
 on both sides. ``--quick`` runs a few steps on a fake, tiny Fashion-MNIST: a smoke test, not a
@@ -55,6 +63,8 @@ FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TEACHER, STUDENT = "resnet20", "resnet8"
 MEAN, STD, PAD = 0.2860, 0.3530, 2
 SIDES = ("distill", "plain")
+BARE = "lightning"  # with --lightning: the plain loop's work as a bare LightningModule
+IMPORTS = {"distill": "distill.cli", BARE: "pytorch_lightning", "plain": "distill.models"}  # not timed
 
 
 # ---- the two sides, each run in its own process -----------------------------------------------
@@ -109,69 +119,159 @@ def random_crop_flip(images, generator):
     return padded[batch, channel, rows, cols]
 
 
+class PlainParts:
+    """What the hand-written sides share: the data in memory, the networks, the optimiser and schedule."""
+
+    def __init__(self, data_dir: Path, device: str, options: dict):
+        import torch
+
+        from distill.models import create_model
+
+        def read(name: str, header: int) -> torch.Tensor:
+            data = gzip.decompress((data_dir / name).read_bytes())
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8)[header:]
+
+        torch.manual_seed(0)
+        self.device = device
+        self.images = read("train-images-idx3-ubyte.gz", 16).view(-1, 1, 28, 28)
+        self.labels = read("train-labels-idx1-ubyte.gz", 8).long()
+        self.layout = torch.channels_last if options["channels_last"] else torch.contiguous_format
+        self.student = create_model(STUDENT, num_classes=10, in_chans=1).to(device, memory_format=self.layout).train()
+        teacher = create_model(TEACHER, num_classes=10, in_chans=1).to(device, memory_format=self.layout)
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.run_student, self.run_teacher = self.student, self.teacher
+        if options["compile"]:
+            mode = options["compile"]
+            self.run_student = torch.compile(self.student, mode=mode)
+            self.run_teacher = torch.compile(self.teacher, mode=mode)
+        self.optimizer = torch.optim.SGD(self.student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: 0.1 ** sum(step >= m for m in (150, 180))
+        )
+        self.generator = torch.Generator(device=device).manual_seed(0)
+
+    def batches(self, batch_size: int):
+        """Shuffled uint8 batches on the device, epoch after epoch."""
+        import torch
+
+        while True:
+            order = torch.randperm(len(self.labels))
+            for start in range(0, len(order), batch_size):
+                index = order[start : start + batch_size]
+                x, y = self.images[index], self.labels[index]
+                if self.device == "cuda":  # pinned, so the copy is asynchronous (distill pins its batches too)
+                    x, y = x.pin_memory(), y.pin_memory()
+                yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def augment(self, x):
+        """Crop + flip, scale to [0, 1] and normalise, in the networks' memory layout."""
+        return ((random_crop_flip(x, self.generator).float() / 255 - MEAN) / STD).contiguous(memory_format=self.layout)
+
+    def loss(self, x, y):
+        """CE 0.1 + KD 0.9 (τ = 4) of the student against the frozen teacher."""
+        import torch
+        import torch.nn.functional as F
+
+        logits = self.run_student(x)
+        with torch.no_grad():
+            teacher_logits = self.run_teacher(x)
+        log_p_s, log_p_t = F.log_softmax(logits / 4, 1), F.log_softmax(teacher_logits / 4, 1)
+        kd = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * 16
+        return 0.1 * F.cross_entropy(logits, y) + 0.9 * kd
+
+
 def plain_fit(data_dir: Path, batch_size: int, steps: int, device: str, options: dict):
     """A hand-written loop: the same data, augmentation, networks, losses, optimiser and schedule."""
     import torch
-    import torch.nn.functional as F
 
-    from distill.models import create_model
-
-    def read(name: str, header: int) -> torch.Tensor:
-        return torch.frombuffer(bytearray(gzip.decompress((data_dir / name).read_bytes())), dtype=torch.uint8)[header:]
-
-    torch.manual_seed(0)
-    images = read("train-images-idx3-ubyte.gz", 16).view(-1, 1, 28, 28)
-    labels = read("train-labels-idx1-ubyte.gz", 8).long()
-    student = create_model(STUDENT, num_classes=10, in_chans=1).to(device).train()
-    teacher = create_model(TEACHER, num_classes=10, in_chans=1).to(device).eval().requires_grad_(False)
-    layout = torch.channels_last if options["channels_last"] else torch.contiguous_format
-    student, teacher = student.to(memory_format=layout), teacher.to(memory_format=layout)
-    run_student, run_teacher = student, teacher
-    if options["compile"]:
-        mode = options["compile"]
-        run_student, run_teacher = torch.compile(student, mode=mode), torch.compile(teacher, mode=mode)
-    optimizer = torch.optim.SGD(student.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 ** sum(step >= m for m in (150, 180)))
-    generator = torch.Generator(device=device).manual_seed(0)
-    step = 0
-    while step < steps:
-        order = torch.randperm(len(labels))
-        for start in range(0, len(order), batch_size):
-            index = order[start : start + batch_size]
-            x, y = images[index], labels[index]
-            if device == "cuda":  # pinned, so the copy is asynchronous (distill pins its batches too)
-                x, y = x.pin_memory(), y.pin_memory()
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            x = ((random_crop_flip(x, generator).float() / 255 - MEAN) / STD).contiguous(memory_format=layout)
-            logits = run_student(x)
-            with torch.no_grad():
-                teacher_logits = run_teacher(x)
-            log_p_s, log_p_t = F.log_softmax(logits / 4, 1), F.log_softmax(teacher_logits / 4, 1)
-            kd = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * 16
-            loss = 0.1 * F.cross_entropy(logits, y) + 0.9 * kd
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            if step == steps:
-                break
+    parts = PlainParts(data_dir, device, options)
+    for step, (x, y) in enumerate(parts.batches(batch_size)):
+        if step == steps:
+            break
+        loss = parts.loss(parts.augment(x), y)
+        parts.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        parts.optimizer.step()
+        parts.scheduler.step()
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def child(side: str, data_dir: Path, batch_size: int, steps: int, device: str, options: dict) -> dict:
-    """Run one side in this process; its seconds from just before the fit to its end, and peak RSS."""
-    importlib.import_module("distill.cli" if side == "distill" else "distill.models")  # imports are not timed
+def lightning_fit(data_dir: Path, batch_size: int, steps: int, device: str, options: dict):
+    """The plain loop's work as a bare LightningModule under ``Trainer.fit`` (automatic optimisation, a
+    per-step LR scheduler, no logger, metrics, checkpoints or callbacks of distill): Lightning's own cost."""
+    import pytorch_lightning as pl
+    import torch
 
+    parts = PlainParts(data_dir, device, options)
+
+    class Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return parts.batches(batch_size)
+
+    class Bare(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.student = parts.student
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(Batches(), batch_size=None)
+
+        def on_after_batch_transfer(self, batch, dataloader_idx):
+            return parts.augment(batch[0]), batch[1]
+
+        def training_step(self, batch, batch_idx):
+            return parts.loss(*batch)
+
+        def configure_optimizers(self):
+            return {"optimizer": parts.optimizer, "lr_scheduler": {"scheduler": parts.scheduler, "interval": "step"}}
+
+    trainer = pl.Trainer(
+        accelerator="gpu" if device == "cuda" else "cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(Bare())
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed_run(side: str, data_dir: Path, batch_size: int, steps: int, device: str, options: dict) -> dict:
+    """One side's fit in this process: its seconds from just before the fit to its end, and the peak RSS
+    of the process so far."""
     with tempfile.TemporaryDirectory() as logs:
         wall, cpu = time.perf_counter(), time.process_time()
         if side == "distill":
             distill_fit(data_dir, batch_size, steps, device, options, Path(logs))
+        elif side == "lightning":
+            lightning_fit(data_dir, batch_size, steps, device, options)
         else:
             plain_fit(data_dir, batch_size, steps, device, options)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+WARMUP_STEPS = (
+    2  # --same-process: an untimed fit of every side first, so no timed run pays the process's first-use costs
+)
+
+
+def child(runs: list[tuple[str, int]], data_dir: Path, batch_size: int, device: str, options: dict) -> list[dict]:
+    """Run ``(side, steps)`` after ``(side, steps)`` in this process; the imports are not timed, and where
+    several sides share the process each first runs :data:`WARMUP_STEPS` steps untimed (the kernels'
+    first-call set-up would otherwise fall on whichever timed run comes first)."""
+    sides = list(dict.fromkeys(side for side, _ in runs))
+    for side in sides:
+        importlib.import_module(IMPORTS[side])
+    for side in sides if len(sides) > 1 else []:
+        timed_run(side, data_dir, batch_size, WARMUP_STEPS, device, options)
+    return [timed_run(side, data_dir, batch_size, steps, device, options) for side, steps in runs]
 
 
 # where the distill side's step time goes: (row, file suffix, function), cumulative time per step; a
@@ -233,15 +333,17 @@ def profile(data_dir: Path, batch_size: int, steps: int, device: str, options: d
     return rows
 
 
-def run_child(side: str, data_dir: Path, batch_size: int, steps: int, args) -> dict:
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", side, "--data-dir", str(data_dir)]
-    command += ["--child-batch-size", str(batch_size), "--child-steps", str(steps), "--device", args.device]
+def run_child(runs: list[tuple[str, int]], data_dir: Path, batch_size: int, args) -> list[dict]:
+    """``runs`` (``(side, steps)``, in order) in one fresh process: their :func:`timed_run` results."""
+    plan = ",".join(f"{side}:{steps}" for side, steps in runs)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", plan, "--data-dir", str(data_dir)]
+    command += ["--child-batch-size", str(batch_size), "--device", args.device]
     command += ["--compile"] if args.compile else []
     command += ["--channels-last"] if args.channels_last else []
     env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode:
-        raise RuntimeError(f"{side} (batch {batch_size}, {steps} steps) failed:\n{done.stderr[-4000:]}")
+        raise RuntimeError(f"{plan} (batch {batch_size}) failed:\n{done.stderr[-4000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -255,24 +357,37 @@ def default_steps(batch_size: int, device: str) -> tuple[int, int]:
 
 def measure(data_dir: Path, args) -> list[dict]:
     steps = {b: tuple(args.steps) if args.steps else default_steps(b, args.device) for b in args.batch_sizes}
-    runs = {(side, b, n): [] for side in SIDES for b in args.batch_sizes for n in steps[b]}
+    sides = (*SIDES, BARE) if args.lightning else SIDES
+    runs = {(side, b, n): [] for side in sides for b in args.batch_sizes for n in steps[b]}
     for repeat in range(args.repeats):
         for b in args.batch_sizes:
-            for n in steps[b]:
-                for side in SIDES if repeat % 2 == 0 else reversed(SIDES):
-                    runs[side, b, n].append(run_child(side, data_dir, b, n, args))
-                    print(f"repeat {repeat}: {side} batch {b} {n} steps: {runs[side, b, n][-1]}", flush=True)
+            plan = [(side, n) for n in steps[b] for side in (sides if repeat % 2 == 0 else sides[::-1])]
+            results = run_child(plan, data_dir, b, args) if args.same_process else []
+            for i, (side, n) in enumerate(plan):
+                result = results[i] if args.same_process else run_child([(side, n)], data_dir, b, args)[0]
+                runs[side, b, n].append(result)
+                print(f"repeat {repeat}: {side} batch {b} {n} steps: {result}", flush=True)
     key = f"{args.clock}_s"
     rows = []
     for b in args.batch_sizes:
         n1, n2 = steps[b]
         per_step = {
             side: [(long[key] - short[key]) / (n2 - n1) for short, long in zip(runs[side, b, n1], runs[side, b, n2])]
-            for side in SIDES
+            for side in sides
         }
         ratios = [d / p for d, p in zip(per_step["distill"], per_step["plain"])]
         overhead_ms = [1e3 * (d - p) for d, p in zip(per_step["distill"], per_step["plain"])]
-        rss = {side: max(r["peak_rss_mb"] for n in (n1, n2) for r in runs[side, b, n]) for side in SIDES}
+        # one process holds both sides with --same-process: its peak RSS is neither side's
+        rss = {
+            side: None if args.same_process else max(r["peak_rss_mb"] for n in (n1, n2) for r in runs[side, b, n])
+            for side in SIDES
+        }
+        if args.lightning:  # Lightning's own cost, and what distill adds to it
+            lightning = {
+                f"{BARE}_s_per_step": median(per_step[BARE]),
+                f"{BARE}_overhead_ms": median([1e3 * (b - p) for b, p in zip(per_step[BARE], per_step["plain"])]),
+                f"distill_over_{BARE}_ms": median([1e3 * (d - b) for d, b in zip(per_step["distill"], per_step[BARE])]),
+            }
         rows.append(
             {
                 "batch_size": b,
@@ -286,7 +401,8 @@ def measure(data_dir: Path, args) -> list[dict]:
                 "host_overhead_ms_range": [min(overhead_ms), max(overhead_ms)],
                 "distill_peak_rss_mb": rss["distill"],
                 "plain_peak_rss_mb": rss["plain"],
-                "per_repeat": {"distill_s_per_step": per_step["distill"], "plain_s_per_step": per_step["plain"]},
+                "per_repeat": {f"{side}_s_per_step": per_step[side] for side in sides},
+                **(lightning if args.lightning else {}),
             }
         )
     return rows
@@ -335,15 +451,25 @@ def main(argv: list[str] | None = None) -> dict:
         "--threads", type=int, default=None, help="OMP_NUM_THREADS of both sides (default: torch's, one per core)"
     )
     p.add_argument("--profile", action="store_true", help="instead: where the distill side's step time goes (cProfile)")
-    p.add_argument("--child", choices=SIDES, help=argparse.SUPPRESS)  # one run, in this process
+    p.add_argument(
+        "--same-process",
+        action="store_true",
+        help="both sides of a repeat in one process, alternating (no per-side peak RSS)",
+    )
+    p.add_argument(
+        "--lightning",
+        action="store_true",
+        help="a third side: the plain loop's work as a bare LightningModule (Lightning's own cost)",
+    )
+    p.add_argument("--child", help=argparse.SUPPRESS)  # side:steps,...: runs in this process
     p.add_argument("--child-batch-size", type=int, help=argparse.SUPPRESS)
-    p.add_argument("--child-steps", type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     options = {"compile": "reduce-overhead" if args.compile else None, "channels_last": args.channels_last}
     if args.child:
-        result = child(args.child, args.data_dir, args.child_batch_size, args.child_steps, args.device, options)
-        print(json.dumps(result))
-        return result
+        runs = [(side, int(steps)) for side, steps in (run.split(":") for run in args.child.split(","))]
+        results = child(runs, args.data_dir, args.child_batch_size, args.device, options)
+        print(json.dumps(results))
+        return results
     with tempfile.TemporaryDirectory() as tmp:
         if args.quick:
             args.batch_sizes, args.steps, args.repeats, args.threads = [4], [2, 4], 1, args.threads or 1
@@ -354,7 +480,8 @@ def main(argv: list[str] | None = None) -> dict:
     print_table(
         f"distill fit vs a plain PyTorch loop, whole step ({args.device}{', compiled' if args.compile else ''}"
         f"{', channels_last' if args.channels_last else ', NCHW'}; "
-        f"Fashion-MNIST, KD {TEACHER} -> {STUDENT}; median of {args.repeats} interleaved repeats, "
+        f"Fashion-MNIST, KD {TEACHER} -> {STUDENT}; median of {args.repeats} interleaved repeats"
+        f"{', both sides in one process per repeat' if args.same_process else ''}, "
         "N₂ − N₁ steps)",
         [
             "batch",
@@ -371,12 +498,29 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['plain_s_per_step']:.4f}",
                 spread(r["ratio"], r["ratio_range"], ".2f"),
                 spread(r["host_overhead_ms"], r["host_overhead_ms_range"], ".1f"),
-                f"{r['distill_peak_rss_mb']:.0f} / {r['plain_peak_rss_mb']:.0f}",
+                "one process"
+                if args.same_process
+                else f"{r['distill_peak_rss_mb']:.0f} / {r['plain_peak_rss_mb']:.0f}",
             ]
             for r in rows
         ],
     )
+    if args.lightning:
+        print_table(
+            "the overhead split: a bare LightningModule doing the plain loop's work (medians, ms/step)",
+            ["batch", "bare Lightning s/step", "Lightning - plain", "distill - bare Lightning"],
+            [
+                [
+                    r["batch_size"],
+                    f"{r[f'{BARE}_s_per_step']:.4f}",
+                    f"{r[f'{BARE}_overhead_ms']:.1f}",
+                    f"{r[f'distill_over_{BARE}_ms']:.1f}",
+                ]
+                for r in rows
+            ],
+        )
     variant = ("-compile" if args.compile else "") + ("-channels_last" if args.channels_last else "")
+    variant += ("-same_process" if args.same_process else "") + ("-lightning" if args.lightning else "")
     write_json(f"step_overhead-{args.device}{variant}", args, {"results": rows})
     return {"results": rows}
 

@@ -34,12 +34,18 @@ ROW_KEYS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(ROW_KEYS))
-def test_benchmark_quick_mode_writes_its_json(tmp_path, name):
+def load_benchmark(name: str):
+    """``benchmarks/<name>.py`` as a module."""
     spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
+    return script
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ROW_KEYS))
+def test_benchmark_quick_mode_writes_its_json(tmp_path, name):
+    script = load_benchmark(name)
     out = tmp_path / f"{name}.json"
     script.main(["--quick", "--device", "cpu", "--out", str(out)])
     record = json.loads(out.read_text())
@@ -93,9 +99,7 @@ def test_efficacy_quick_mode_runs_every_row_and_compares_paired_seeds(tmp_path, 
 
 @pytest.mark.slow
 def test_step_profile_rows_add_up_to_the_whole_step_without_double_counting(tmp_path):
-    spec = importlib.util.spec_from_file_location("benchmark_step_overhead", BENCHMARKS / "step_overhead.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_benchmark("step_overhead")
     out = tmp_path / "profile.json"
     script.main(["--quick", "--profile", "--device", "cpu", "--out", str(out)])
     rows = {r["row"]: r["ms_per_step"] for r in json.loads(out.read_text())["results"]}
@@ -103,3 +107,19 @@ def test_step_profile_rows_add_up_to_the_whole_step_without_double_counting(tmp_
     assert whole > 0 and all(value >= 0 for value in rows.values()), rows  # the remainder row is not negative
     top_level = [value for row, value in rows.items() if not row.startswith(" ")]
     assert sum(top_level) == pytest.approx(whole)
+
+
+@pytest.mark.slow
+def test_step_overhead_same_process_with_bare_lightning_splits_the_overhead_and_reports_no_per_side_rss(tmp_path):
+    script = load_benchmark("step_overhead")
+    out = tmp_path / "same.json"
+    script.main(["--quick", "--same-process", "--lightning", "--device", "cpu", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["distill_peak_rss_mb"] is None and row["plain_peak_rss_mb"] is None
+    per_step = {side: row["per_repeat"][f"{side}_s_per_step"] for side in ("distill", "lightning", "plain")}
+    assert all(len(values) == 1 for values in per_step.values())  # one repeat: every median is that repeat
+    (distill,), (bare,), (plain,) = per_step.values()
+    assert row["ratio"] == pytest.approx(distill / plain)
+    assert row["lightning_overhead_ms"] == pytest.approx(1e3 * (bare - plain))
+    assert row["distill_over_lightning_ms"] == pytest.approx(1e3 * (distill - bare))
+    assert row["lightning_overhead_ms"] + row["distill_over_lightning_ms"] == pytest.approx(row["host_overhead_ms"])
