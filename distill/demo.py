@@ -235,11 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     written = write_results(build_table(collect(save_dir)), save_dir, root=save_dir)
     data = students_data()
     n_test = len(data.test_set)
+    seeds = [str(seed) for seed in STUDENT_SEEDS if student_run(seed) in top1]
+    students = f" (the student from scratch: seeds {', '.join(seeds)})" if len(seeds) > 1 else ""
     print(
         f"\nDigits (scikit-learn): resnet20 teachers on the 1,438 training images, resnet8 students on "
-        f"{len(data.train_set)} of them ({data.train_fraction:.0%}), seed 0 (the student from scratch: seeds "
-        f"{', '.join(map(str, STUDENT_SEEDS))}). Top-1 of the last epoch on the "
-        f"{n_test} test images (one image = {100 / n_test:.2f} points).\n"
+        f"{len(data.train_set)} of them ({data.train_fraction:.0%}), seed 0{students}. Top-1 of the last epoch "
+        f"on the {n_test} test images (one image = {100 / n_test:.2f} points).\n"
     )
     print(demo_table(top1, n_test))
     print(
