@@ -362,9 +362,11 @@ def measure(data_dir: Path, args) -> list[dict]:
     for repeat in range(args.repeats):
         for b in args.batch_sizes:
             plan = [(side, n) for n in steps[b] for side in (sides if repeat % 2 == 0 else sides[::-1])]
-            results = run_child(plan, data_dir, b, args) if args.same_process else []
-            for i, (side, n) in enumerate(plan):
-                result = results[i] if args.same_process else run_child([(side, n)], data_dir, b, args)[0]
+            if args.same_process:
+                results = iter(run_child(plan, data_dir, b, args))
+            else:  # a process per run, each started when the one before has ended
+                results = (run_child([run], data_dir, b, args)[0] for run in plan)
+            for (side, n), result in zip(plan, results):
                 runs[side, b, n].append(result)
                 print(f"repeat {repeat}: {side} batch {b} {n} steps: {result}", flush=True)
     key = f"{args.clock}_s"
@@ -382,6 +384,7 @@ def measure(data_dir: Path, args) -> list[dict]:
             side: None if args.same_process else max(r["peak_rss_mb"] for n in (n1, n2) for r in runs[side, b, n])
             for side in SIDES
         }
+        lightning = {}
         if args.lightning:  # Lightning's own cost, and what distill adds to it
             lightning = {
                 f"{BARE}_s_per_step": median(per_step[BARE]),
@@ -402,7 +405,7 @@ def measure(data_dir: Path, args) -> list[dict]:
                 "distill_peak_rss_mb": rss["distill"],
                 "plain_peak_rss_mb": rss["plain"],
                 "per_repeat": {f"{side}_s_per_step": per_step[side] for side in sides},
-                **(lightning if args.lightning else {}),
+                **lightning,
             }
         )
     return rows

@@ -64,6 +64,13 @@ def student_run(seed: int) -> str:
 
 
 STUDENT_RUNS = tuple(student_run(seed) for seed in STUDENT_SEEDS)
+
+
+def seeds_run(top1: dict[str, float]) -> list[int]:
+    """The seeds of the student from scratch that ran (have a top-1 in ``top1``)."""
+    return [seed for seed in STUDENT_SEEDS if student_run(seed) in top1]
+
+
 JOBS = [
     Job(TEACHER_RUN, ["teacher.yaml"], needs_teacher=False, label="teacher (resnet20)"),
     *(
@@ -170,9 +177,14 @@ def students_data() -> DigitsDataModule:
     return data
 
 
+def image_count(points: float, n_test: int) -> int:
+    """The number of test images a difference of ``points`` stands for (rounded)."""
+    return round(points * n_test / 100)
+
+
 def in_images(points: float, n_test: int) -> str:
     """A difference in points, with the number of test images it stands for; under one image: unresolved."""
-    images = round(points * n_test / 100)
+    images = image_count(points, n_test)
     if images == 0:
         return f"{points:+.2f} (< 1 image: unresolved)"
     return f"{points:+.2f} ({images:+d} image{'s' if abs(images) > 1 else ''})"
@@ -181,8 +193,9 @@ def in_images(points: float, n_test: int) -> str:
 def versus_students(top1: float, students: list[float], n_test: int) -> str:
     """``top1`` against the students from scratch: the difference to their mean, in points and test
     images; unresolved under one image or inside the range of their seeds."""
-    text = in_images(top1 - statistics.mean(students), n_test)
-    if len(students) > 1 and min(students) <= top1 <= max(students) and "unresolved" not in text:
+    points = top1 - statistics.mean(students)
+    text = in_images(points, n_test)
+    if len(students) > 1 and min(students) <= top1 <= max(students) and image_count(points, n_test):
         text = text[:-1] + ": inside the from-scratch seeds' range, unresolved)"
     return text
 
@@ -190,7 +203,7 @@ def versus_students(top1: float, students: list[float], n_test: int) -> str:
 def demo_table(top1: dict[str, float], n_test: int) -> str:
     """Markdown: every job's test top-1 (%) and its difference to the student from scratch (the mean of
     its seeds; and, for a job with a control, to the control), in points and test images."""
-    seeds = [seed for seed in STUDENT_SEEDS if student_run(seed) in top1]
+    seeds = seeds_run(top1)
     students = [top1[student_run(seed)] for seed in seeds]
     lines = ["| network | test top-1 (%) | Δ vs student from scratch | Δ vs its control |", "|---|---|---|---|"]
     for job in JOBS:
@@ -235,8 +248,8 @@ def main(argv: list[str] | None = None) -> None:
     written = write_results(build_table(collect(save_dir)), save_dir, root=save_dir)
     data = students_data()
     n_test = len(data.test_set)
-    seeds = [str(seed) for seed in STUDENT_SEEDS if student_run(seed) in top1]
-    students = f" (the student from scratch: seeds {', '.join(seeds)})" if len(seeds) > 1 else ""
+    seeds = seeds_run(top1)
+    students = f" (the student from scratch: seeds {', '.join(map(str, seeds))})" if len(seeds) > 1 else ""
     print(
         f"\nDigits (scikit-learn): resnet20 teachers on the 1,438 training images, resnet8 students on "
         f"{len(data.train_set)} of them ({data.train_fraction:.0%}), seed 0{students}. Top-1 of the last epoch "

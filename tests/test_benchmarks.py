@@ -85,9 +85,7 @@ def test_efficacy_quick_mode_runs_every_row_and_compares_paired_seeds(tmp_path, 
     assert (tmp_path / "efficacy-quick_val_top1.png").read_bytes()[:4] == b"\x89PNG"
     assert payload["wall_s"] > 0 and record["options"]["quick"]
     # the SSKD diagnosis reads the same runs: its own-head number is the study's test top-1, re-derived
-    spec = importlib.util.spec_from_file_location("benchmark_sskd_probe", BENCHMARKS / "sskd_probe.py")
-    probe = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(probe)
+    probe = load_benchmark("sskd_probe")
     runs = str(tmp_path / "runs")
     probed = probe.main(["--runs", runs, "--rows", "sskd", "student", "--out", str(tmp_path / "probe.json")])["results"]
     assert [(r["row"], r["seed"]) for r in probed] == [(row, f"seed{s}") for row in ("sskd", "student") for s in "01"]

@@ -322,16 +322,18 @@ class SSKD(TeacherMixin, DistillModule):
         return self.phases[self.phase_index]
 
     def on_stage(self, index: int, stage: Stage) -> None:
-        """Enter the phase of this epoch: announce it at its start (or on resume), re-apply train/eval modes."""
-        announce = index != self.entered_stage
+        """Enter the phase of this epoch: announce it at its start (or on resume), re-apply train/eval modes;
+        at the head phase's first epoch (not on a resume inside it), set where the head starts."""
+        entering = index != self.entered_stage
         super().on_stage(index, stage)
-        if announce:
-            start, end = self.stage_bounds[index], self.stage_bounds[index + 1]
-            resumed = "" if self.current_epoch == start else f", resumed at epoch {self.current_epoch}"
-            starts = ""
-            if self.has_head_phase and index == len(self.phases) - 1 and not resumed:
-                starts = "; it starts " + self.start_head_phase()
-            rank_zero_info(f"{self.describe_phase()} (epochs {start}-{end - 1}{resumed}){starts}")
+        if not entering:
+            return
+        start, end = self.stage_bounds[index], self.stage_bounds[index + 1]
+        at_start = self.current_epoch == start
+        resumed = "" if at_start else f", resumed at epoch {self.current_epoch}"
+        head_starts = at_start and self.has_head_phase and index == len(self.phases) - 1
+        starts = "; it starts " + self.start_head_phase() if head_starts else ""
+        rank_zero_info(f"{self.describe_phase()} (epochs {start}-{end - 1}{resumed}){starts}")
 
     @property
     def selects_best(self) -> bool:
