@@ -27,6 +27,9 @@ per-side peak RSS. ``--lightning`` adds a third side, the plain loop's work as a
 under ``Trainer.fit`` (no logger, metrics, checkpoints or callbacks), which splits the overhead into
 Lightning's own (bare − plain) and what ``distill`` adds on top of it (distill − bare).
 
+On a CPU, ``step_pairs.py`` makes the same comparison step by step inside one process, which
+cancels the machine's drifts that whole fits suffer from (the targets are read off it).
+
 ``--compile`` compiles every network in ``torch.compile``'s ``reduce-overhead`` mode (CUDA graphs)
 on both sides. ``--quick`` runs a few steps on a fake, tiny Fashion-MNIST: a smoke test, not a
 measurement.
@@ -68,7 +71,9 @@ IMPORTS = {"distill": "distill.cli", BARE: "pytorch_lightning", "plain": "distil
 
 
 # ---- the two sides, each run in its own process -----------------------------------------------
-def distill_fit(data_dir: Path, batch_size: int, steps: int, device: str, options: dict, logs: Path):
+def distill_fit(
+    data_dir: Path, batch_size: int, steps: int, device: str, options: dict, logs: Path, extra: tuple[str, ...] = ()
+):
     from distill.cli import main
 
     args = [
@@ -97,7 +102,7 @@ def distill_fit(data_dir: Path, batch_size: int, steps: int, device: str, option
     if options["channels_last"]:
         args.append("--model.init_args.channels_last=true")
     sys.argv = sys.argv[:1]  # LightningCLI reads args=..., not this process's own arguments
-    main(args)
+    main([*args, *extra])
 
 
 def random_crop_flip(images, generator):
@@ -167,6 +172,14 @@ class PlainParts:
         """Crop + flip, scale to [0, 1] and normalise, in the networks' memory layout."""
         return ((random_crop_flip(x, self.generator).float() / 255 - MEAN) / STD).contiguous(memory_format=self.layout)
 
+    def train_step(self, x, y) -> None:
+        """One step of the plain loop on a uint8 batch: augment, losses, backward, SGD, LR schedule."""
+        loss = self.loss(self.augment(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.scheduler.step()
+
     def loss(self, x, y):
         """CE 0.1 + KD 0.9 (τ = 4) of the student against the frozen teacher."""
         import torch
@@ -188,16 +201,12 @@ def plain_fit(data_dir: Path, batch_size: int, steps: int, device: str, options:
     for step, (x, y) in enumerate(parts.batches(batch_size)):
         if step == steps:
             break
-        loss = parts.loss(parts.augment(x), y)
-        parts.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        parts.optimizer.step()
-        parts.scheduler.step()
+        parts.train_step(x, y)
     if device == "cuda":
         torch.cuda.synchronize()
 
 
-def lightning_fit(data_dir: Path, batch_size: int, steps: int, device: str, options: dict):
+def lightning_fit(data_dir: Path, batch_size: int, steps: int, device: str, options: dict, callbacks: tuple = ()):
     """The plain loop's work as a bare LightningModule under ``Trainer.fit`` (automatic optimisation, a
     per-step LR scheduler, no logger, metrics, checkpoints or callbacks of distill): Lightning's own cost."""
     import pytorch_lightning as pl
@@ -236,6 +245,7 @@ def lightning_fit(data_dir: Path, batch_size: int, steps: int, device: str, opti
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
+        callbacks=list(callbacks),
     )
     trainer.fit(Bare())
     if device == "cuda":

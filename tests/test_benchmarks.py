@@ -121,3 +121,39 @@ def test_step_overhead_same_process_with_bare_lightning_splits_the_overhead_and_
     assert row["lightning_overhead_ms"] == pytest.approx(1e3 * (bare - plain))
     assert row["distill_over_lightning_ms"] == pytest.approx(1e3 * (distill - bare))
     assert row["lightning_overhead_ms"] + row["distill_over_lightning_ms"] == pytest.approx(row["host_overhead_ms"])
+
+
+def test_a_paired_step_is_the_loop_iteration_less_the_plain_step_inside_it(monkeypatch):
+    """PairedPlainSteps on a fake clock: iteration i runs from one batch start to the next, and the plain
+    step it ran at batch end is subtracted; the last step (no next start) is not recorded."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    pairing = importlib.import_module("pairing")
+    now = [0.0]
+    pairs = []
+
+    def plain_step():
+        now[0] += 0.25
+
+    pairing.ARMED.update(plain_step=plain_step, clock=lambda: now[0], pairs=pairs)
+    timer = pairing.PairedPlainSteps()
+    for fit_step in (1.0, 2.0, 4.0):
+        timer.on_train_batch_start(None, None, None, 0)
+        now[0] += fit_step
+        timer.on_train_batch_end(None, None, None, None, 0)
+    assert pairs == [(1.0, 0.25), (2.0, 0.25)]
+
+
+@pytest.mark.slow
+def test_step_pairs_reports_means_of_the_pairs_and_splits_lightning_from_distill(tmp_path):
+    script = load_benchmark("step_pairs")
+    out = tmp_path / "pairs.json"
+    script.main(["--quick", "--lightning", "--calibrate", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["pairs"] == 5  # 6 steps: the last has no next start
+    assert row["ratio"] == pytest.approx(row["distill_s_per_step"] / row["plain_s_per_step"])
+    assert row["host_overhead_ms"] == pytest.approx(1e3 * (row["distill_s_per_step"] - row["plain_s_per_step"]))
+    low, high = row["host_overhead_ms_ci95"]
+    assert low < row["host_overhead_ms"] < high
+    assert row["distill_over_lightning_ms"] == pytest.approx(row["host_overhead_ms"] - row["lightning_overhead_ms"])
+    low, high = row["calibration_ms_ci95"]
+    assert low < row["calibration_ms"] < high
