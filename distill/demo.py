@@ -185,8 +185,8 @@ def image_count(points: float, n_test: int) -> int:
 def in_images(points: float, n_test: int) -> str:
     """A difference in points, with the number of test images it stands for; under one image: unresolved."""
     images = image_count(points, n_test)
-    if images == 0:
-        return f"{points:+.2f} (< 1 image: unresolved)"
+    if images == 0:  # a mean equal to a top-1 up to rounding prints +0.00, not -0.00
+        return f"{round(points, 2) + 0.0:+.2f} (< 1 image: unresolved)"
     return f"{points:+.2f} ({images:+d} image{'s' if abs(images) > 1 else ''})"
 
 

@@ -34,6 +34,7 @@ def test_demo_table_gives_differences_in_test_images_and_marks_those_under_one_a
     assert in_images(100 * 12 / 359, 359) == "+3.34 (+12 images)"
     assert in_images(-100 / 359, 359) == "-0.28 (-1 image)"
     assert in_images(0.0, 359) == "+0.00 (< 1 image: unresolved)"
+    assert in_images(-1e-12, 359) == "+0.00 (< 1 image: unresolved)"  # no negative zero
     top1 = {"teacher": 99.0, "student": 90.0, "kd": 92.0, "pwkd": 92.0, "pwkd_whole_only": 91.5}
     lines = demo_table(top1, 200).splitlines()
     assert lines[0] == "| network | test top-1 (%) | Δ vs student from scratch | Δ vs its control |"

@@ -22,6 +22,7 @@ from .. import checks
 from ..errors import ConfigError
 from ..finite import NonFiniteError, divergence_message, last_checkpoint, nonfinite_tensors, nonfinite_weights_message
 from ..models import StagedNet
+from ..models.slimmable import fewest_channels
 from ..schedules import MultiStep, Schedule
 from ..stages import Stage
 from .card import Network, RunCard, term_names
@@ -65,6 +66,25 @@ def refuse_lossy_sync_batchnorm(networks: dict[str, nn.Module]) -> None:
                     "with behaviour of its own) by a plain SyncBatchNorm and silently drop that behaviour; "
                     "train without sync_batchnorm"
                 )
+
+
+# [chosen] on the CPU, torch 2.14.1 aborts with heap corruption ("double free or corruption") in the
+# backward of a channels_last resnet20 whose stages have 4 or 6 channels (the 0.25 width of a slimmable
+# resnet20 among them); 8 channels and more ran. Such networks are refused channels_last on the CPU.
+CHANNELS_LAST_MIN_CPU = 8
+
+
+def refuse_narrow_channels_last(networks: dict[str, nn.Module]) -> None:
+    """Refuse ``channels_last`` on the CPU for a network with a convolution under
+    :data:`CHANNELS_LAST_MIN_CPU` output channels at any of its widths, naming the layer."""
+    for name, net in networks.items():
+        narrowest = fewest_channels(net)
+        if narrowest is not None and narrowest[1] < CHANNELS_LAST_MIN_CPU:
+            raise ConfigError(
+                f"model.init_args.channels_last=true: {name}.{narrowest[0]} runs {narrowest[1]} channels, and on the "
+                f"CPU torch {torch.__version__} aborts with heap corruption in the channels_last backward of layers "
+                f"under {CHANNELS_LAST_MIN_CPU} channels; set channels_last: false on the CPU"
+            )
 
 
 def require_unused_parameter_search(strategy, owner: str) -> None:
@@ -244,12 +264,21 @@ class DistillModule(pl.LightningModule):
             refuse_lossy_sync_batchnorm(dict(self.named_children()))
         if self._networks_configured:
             return
+        if self.channels_last and self.run_device().type == "cpu":
+            named = {name: m for name, m in self.named_children() if isinstance(m, StagedNet)}
+            refuse_narrow_channels_last({**named, **({"teacher": self.teacher} if "teacher" in self.__dict__ else {})})
         self._networks_configured = True
         for net in self.networks():
             if self.channels_last:
                 net.to(memory_format=torch.channels_last)
             if self.compile_networks:
                 net.compile(**({} if self.compile_networks is True else {"mode": self.compile_networks}))
+
+    def run_device(self) -> torch.device:
+        """The device the fit runs on: the strategy's (the module may not be there yet), else the weights'."""
+        if self._trainer is not None:
+            return self._trainer.strategy.root_device
+        return next(self.parameters()).device
 
     def format_input(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images

@@ -236,3 +236,15 @@ def load_slimmable(
         )
     make_slimmable(model, trained, image_size)
     return load_weights(model, path)
+
+
+def fewest_channels(model: nn.Module) -> tuple[str, int] | None:
+    """``(path, channels)`` of the convolution with the fewest output channels at any width ``model`` runs
+    at (a slimmable network's narrowest width included); ``None`` without convolutions."""
+    narrowest = min(getattr(model, "slimmable_widths", None) or (1.0,))
+    counts = [
+        (path, channels_at(m.out_channels, narrowest, m.quantum) if isinstance(m, SlimmableConv2d) else m.out_channels)
+        for path, m in model.named_modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    return min(counts, key=lambda count: count[1], default=None)
