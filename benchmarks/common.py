@@ -14,6 +14,8 @@ import os
 import pickle
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +39,16 @@ def clock(device: torch.device | str) -> float:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter()
+
+
+def run_json_child(script: str, arguments: list[str], threads: int | None, what: str):
+    """Run ``script`` with ``arguments`` in a fresh Python process (``OMP_NUM_THREADS=threads`` when set)
+    and return the JSON on its last output line; a failure raises with ``what`` and the end of its stderr."""
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = subprocess.run([sys.executable, script, *arguments], capture_output=True, text=True, env=env)
+    if done.returncode:
+        raise RuntimeError(f"{what} failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def median(values: list[float]) -> float:

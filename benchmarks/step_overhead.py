@@ -51,16 +51,14 @@ import argparse
 import gzip
 import importlib
 import json
-import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median, parser, print_table, write_fake_fashion_mnist, write_json  # noqa: E402
+from common import median, parser, print_table, run_json_child, write_fake_fashion_mnist, write_json  # noqa: E402
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 TEACHER, STUDENT = "resnet20", "resnet8"
@@ -259,7 +257,7 @@ def timed_run(side: str, data_dir: Path, batch_size: int, steps: int, device: st
         wall, cpu = time.perf_counter(), time.process_time()
         if side == "distill":
             distill_fit(data_dir, batch_size, steps, device, options, Path(logs))
-        elif side == "lightning":
+        elif side == BARE:
             lightning_fit(data_dir, batch_size, steps, device, options)
         else:
             plain_fit(data_dir, batch_size, steps, device, options)
@@ -267,9 +265,8 @@ def timed_run(side: str, data_dir: Path, batch_size: int, steps: int, device: st
     return {"wall_s": wall, "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-WARMUP_STEPS = (
-    2  # --same-process: an untimed fit of every side first, so no timed run pays the process's first-use costs
-)
+# --same-process: an untimed fit of every side first, so no timed run pays the process's first-use costs
+WARMUP_STEPS = 2
 
 
 def child(runs: list[tuple[str, int]], data_dir: Path, batch_size: int, device: str, options: dict) -> list[dict]:
@@ -346,15 +343,10 @@ def profile(data_dir: Path, batch_size: int, steps: int, device: str, options: d
 def run_child(runs: list[tuple[str, int]], data_dir: Path, batch_size: int, args) -> list[dict]:
     """``runs`` (``(side, steps)``, in order) in one fresh process: their :func:`timed_run` results."""
     plan = ",".join(f"{side}:{steps}" for side, steps in runs)
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", plan, "--data-dir", str(data_dir)]
-    command += ["--child-batch-size", str(batch_size), "--device", args.device]
-    command += ["--compile"] if args.compile else []
-    command += ["--channels-last"] if args.channels_last else []
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{plan} (batch {batch_size}) failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--child", plan, "--data-dir", str(data_dir), "--child-batch-size", str(batch_size)]
+    arguments += ["--device", args.device] + (["--compile"] if args.compile else [])
+    arguments += ["--channels-last"] if args.channels_last else []
+    return run_json_child(str(Path(__file__).resolve()), arguments, args.threads, f"{plan} (batch {batch_size})")
 
 
 # ---- the comparison ---------------------------------------------------------------------------
@@ -398,8 +390,8 @@ def measure(data_dir: Path, args) -> list[dict]:
         if args.lightning:  # Lightning's own cost, and what distill adds to it
             lightning = {
                 f"{BARE}_s_per_step": median(per_step[BARE]),
-                f"{BARE}_overhead_ms": median([1e3 * (b - p) for b, p in zip(per_step[BARE], per_step["plain"])]),
-                f"distill_over_{BARE}_ms": median([1e3 * (d - b) for d, b in zip(per_step["distill"], per_step[BARE])]),
+                f"{BARE}_overhead_ms": median([1e3 * (t - p) for t, p in zip(per_step[BARE], per_step["plain"])]),
+                f"distill_over_{BARE}_ms": median([1e3 * (d - t) for d, t in zip(per_step["distill"], per_step[BARE])]),
             }
         rows.append(
             {

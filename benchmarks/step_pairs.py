@@ -31,9 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,10 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import pairing  # noqa: E402
-from common import parser, print_table, write_fake_fashion_mnist, write_json  # noqa: E402
+from common import parser, print_table, run_json_child, write_fake_fashion_mnist, write_json  # noqa: E402
 from step_overhead import BARE, FASHION_MNIST, PlainParts, distill_fit, lightning_fit  # noqa: E402
 
-SIDES = ("distill",)
 CALIBRATION = "plain"  # with --calibrate: the plain loop paired with itself, the instrument's own bias (expected 0)
 OPTIONS = {"compile": None, "channels_last": False}
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -83,13 +80,10 @@ def run_repeat(sides: list[str], data_dir: Path, batch_size: int, steps: int, ar
     """The paired fits of one repeat, ``sides`` in order, in a fresh process (in this one with ``--quick``)."""
     if args.quick:
         return {side: paired_fit(side, data_dir, batch_size, steps, args.clock) for side in sides}
-    command = [sys.executable, str(Path(__file__).resolve()), "--child", ",".join(sides), "--data-dir", str(data_dir)]
-    command += ["--batch-sizes", str(batch_size), "--steps", str(steps), "--clock", args.clock]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
-    done = subprocess.run(command, capture_output=True, text=True, env=env)
-    if done.returncode:
-        raise RuntimeError(f"{','.join(sides)} (batch {batch_size}) failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    arguments = ["--child", ",".join(sides), "--data-dir", str(data_dir), "--batch-sizes", str(batch_size)]
+    arguments += ["--steps", str(steps), "--clock", args.clock]
+    what = f"{','.join(sides)} (batch {batch_size})"
+    return run_json_child(str(Path(__file__).resolve()), arguments, args.threads, what)
 
 
 def overhead(repeats: list[list[tuple[float, float]]]) -> dict:
@@ -113,7 +107,7 @@ def overhead(repeats: list[list[tuple[float, float]]]) -> dict:
 
 
 def measure(data_dir: Path, args) -> list[dict]:
-    sides = [*SIDES, *([BARE] if args.lightning else []), *([CALIBRATION] if args.calibrate else [])]
+    sides = ["distill", *([BARE] if args.lightning else []), *([CALIBRATION] if args.calibrate else [])]
     rows = []
     for batch_size in args.batch_sizes:
         steps = args.steps or default_steps(batch_size)

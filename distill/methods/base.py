@@ -250,11 +250,15 @@ class DistillModule(pl.LightningModule):
         """Parameter groups for the optimiser (one group by default)."""
         return [{"params": [p for p in self.parameters() if p.requires_grad]}]
 
-    def networks(self) -> list[nn.Module]:
-        """The networks a forward pass runs: registered staged models, plus an attached teacher."""
-        nets = [m for m in self.children() if isinstance(m, StagedNet)]
+    def named_networks(self) -> dict[str, nn.Module]:
+        """The networks a forward pass runs, by name: registered staged models, plus an attached teacher."""
+        nets = {name: m for name, m in self.named_children() if isinstance(m, StagedNet)}
         teacher = self.__dict__.get("teacher")
-        return nets + ([teacher] if teacher is not None else [])
+        return nets | ({"teacher": teacher} if teacher is not None else {})
+
+    def networks(self) -> list[nn.Module]:
+        """The networks of :meth:`named_networks`."""
+        return list(self.named_networks().values())
 
     def configure_model(self) -> None:
         """Before the strategy wraps the module: refuse a lossy SyncBatchNorm conversion, then apply the
@@ -265,8 +269,7 @@ class DistillModule(pl.LightningModule):
         if self._networks_configured:
             return
         if self.channels_last and self.run_device().type == "cpu":
-            named = {name: m for name, m in self.named_children() if isinstance(m, StagedNet)}
-            refuse_narrow_channels_last({**named, **({"teacher": self.teacher} if "teacher" in self.__dict__ else {})})
+            refuse_narrow_channels_last(self.named_networks())
         self._networks_configured = True
         for net in self.networks():
             if self.channels_last:
