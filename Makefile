@@ -43,7 +43,7 @@ bench: $(STAMP)  ## CPU speed measurements, as ratios against plain PyTorch base
 	$(BIN)/python benchmarks/pwkd_width.py --device cpu
 	$(BIN)/python benchmarks/teacher_cache.py --device cpu
 
-bench-gpu: $(STAMP)  ## the same on a GPU, plus seconds per CIFAR-100 epoch (fp32 and bf16 + channels_last + compile)
+bench-gpu: $(STAMP)  ## the same on a GPU, plus seconds per CIFAR-100 epoch (fp32; bf16 + channels_last + compile, default and reduce-overhead)
 	$(BIN)/python benchmarks/step_overhead.py --device cuda
 	$(BIN)/python benchmarks/step_overhead.py --device cuda --compile
 	$(BIN)/python benchmarks/step_overhead.py --device cuda --same-process --lightning
@@ -54,6 +54,7 @@ bench-gpu: $(STAMP)  ## the same on a GPU, plus seconds per CIFAR-100 epoch (fp3
 	$(BIN)/python benchmarks/teacher_cache.py --device cuda
 	$(BIN)/python benchmarks/gpu_epoch.py --device cuda
 	$(BIN)/python benchmarks/gpu_epoch.py --device cuda --precision bf16-mixed --channels-last --compile
+	$(BIN)/python benchmarks/gpu_epoch.py --device cuda --precision bf16-mixed --channels-last --compile reduce-overhead
 
 bench-efficacy: $(STAMP)  ## every paradigm vs its controls on Fashion-MNIST, 3 seeds (CPU, up to an hour on 2 cores)
 	$(BIN)/python benchmarks/efficacy.py

@@ -6,10 +6,11 @@ size (50,000 training and 10,000 test images) and an :class:`~distill.methods.Of
 ``on_train_epoch_end`` (training plus validation). Plain side: a hand-written epoch over the same
 uint8 tensors (per-batch slicing, the same on-device crop/flip/normalise, the same KD step, then
 an evaluation pass), run from ``on_train_epoch_end``, so the two alternate epoch by epoch.
-``--precision bf16-mixed``, ``--channels-last`` and ``--compile`` apply to both sides. The first
+``--precision bf16-mixed``, ``--channels-last`` and ``--compile [MODE]`` (``torch.compile``'s mode,
+``default`` when none is named; ``reduce-overhead`` replays CUDA graphs) apply to both sides. The first
 epoch (compilation, warm-up) is left out of the medians when there are more.
 
-    python benchmarks/gpu_epoch.py --device cuda [--precision bf16-mixed] [--channels-last] [--compile]
+    python benchmarks/gpu_epoch.py --device cuda [--precision bf16-mixed] [--channels-last] [--compile [MODE]]
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from distill.losses import KDTerm  # noqa: E402
 from distill.methods import OfflineKD  # noqa: E402
 
 PROTOCOL_EPOCHS = 240
+COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class PlainEpoch:
@@ -48,8 +50,8 @@ class PlainEpoch:
         self.student = copy.deepcopy(module.student).to(self.device, memory_format=self.memory_format)
         teacher = copy.deepcopy(module.teacher).to(self.device, memory_format=self.memory_format)
         if args.compile:
-            self.student.compile()
-            teacher.compile()
+            self.student.compile(mode=args.compile)
+            teacher.compile(mode=args.compile)
         self.step = plain_kd_step(self.student, teacher, self.bf16)
         self.global_step = 0
 
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile mode")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.images, args.test_images, args.batch_size = 2, 32, 16, 16
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             terms=[KDTerm()],
             ce_weight=0.1,
             channels_last=args.channels_last,
-            compile=args.compile,
+            compile=args.compile or False,
         )
         alternate = AlternateEpochs(PlainEpoch(module, dm, args), args.device)
         trainer = pl.Trainer(
@@ -146,7 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         for side, s in steady.items()
     ]
     ratio = rows[0]["epoch_s"] / rows[1]["epoch_s"]
-    flags = [o for o, on in (("channels_last", args.channels_last), ("compile", args.compile)) if on]
+    compiled = args.compile and ("compile" if args.compile == "default" else f"compile_{args.compile}")
+    flags = [o for o in ("channels_last" if args.channels_last else None, compiled) if o]
     options = ", ".join([args.precision, *flags])
     print_table(
         f"KD resnet32x4 -> resnet8x4, {args.images} images/epoch, batch {args.batch_size}, {args.device}, {options}",
