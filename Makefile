@@ -36,7 +36,7 @@ format: $(STAMP)  ## apply ruff's fixes and formatting
 
 bench: $(STAMP)  ## CPU speed measurements, as ratios against plain PyTorch baselines
 	$(BIN)/python benchmarks/step_overhead.py --device cpu --threads 1 --clock cpu
-	$(BIN)/python benchmarks/step_pairs.py --lightning --calibrate
+	$(BIN)/python benchmarks/step_pairs.py --lightning --manual --calibrate
 	$(BIN)/python benchmarks/overhead.py --device cpu
 	$(BIN)/python benchmarks/data.py --device cpu
 	$(BIN)/python benchmarks/imagenet_data.py --device cpu

@@ -204,9 +204,19 @@ def plain_fit(data_dir: Path, batch_size: int, steps: int, device: str, options:
         torch.cuda.synchronize()
 
 
-def lightning_fit(data_dir: Path, batch_size: int, steps: int, device: str, options: dict, callbacks: tuple = ()):
+def lightning_fit(
+    data_dir: Path,
+    batch_size: int,
+    steps: int,
+    device: str,
+    options: dict,
+    callbacks: tuple = (),
+    manual: bool = False,
+):
     """The plain loop's work as a bare LightningModule under ``Trainer.fit`` (automatic optimisation, a
-    per-step LR scheduler, no logger, metrics, checkpoints or callbacks of distill): Lightning's own cost."""
+    per-step LR scheduler, no logger, metrics, checkpoints or callbacks of distill): Lightning's own cost.
+    ``manual``: manual optimisation instead (the step, backward and scheduler in ``training_step``), the
+    least of Lightning's loop a module can run."""
     import pytorch_lightning as pl
     import torch
 
@@ -220,6 +230,7 @@ def lightning_fit(data_dir: Path, batch_size: int, steps: int, device: str, opti
         def __init__(self):
             super().__init__()
             self.student = parts.student
+            self.automatic_optimization = not manual
 
         def train_dataloader(self):
             return torch.utils.data.DataLoader(Batches(), batch_size=None)
@@ -228,7 +239,13 @@ def lightning_fit(data_dir: Path, batch_size: int, steps: int, device: str, opti
             return parts.augment(batch[0]), batch[1]
 
         def training_step(self, batch, batch_idx):
-            return parts.loss(*batch)
+            if not manual:
+                return parts.loss(*batch)
+            optimizer = self.optimizers()
+            optimizer.zero_grad()
+            self.manual_backward(parts.loss(*batch))
+            optimizer.step()
+            self.lr_schedulers().step()
 
         def configure_optimizers(self):
             return {"optimizer": parts.optimizer, "lr_scheduler": {"scheduler": parts.scheduler, "interval": "step"}}

@@ -16,14 +16,17 @@ Reported per batch size, over every pair of every repeat after the first tenth o
 per-step difference, with its 95 % confidence interval, ±1.96 standard errors; the ratio's interval
 is the same interval over the plain step's mean), the median difference and every repeat's mean.
 ``--lightning`` pairs a bare LightningModule's fit with the plain loop the same way: Lightning's own
-cost, and what ``distill`` adds to it as the difference of the two overheads. Every repeat runs in a
+cost, and what ``distill`` adds to it as the difference of the two overheads. ``--manual`` pairs the
+same bare module in manual optimisation (``automatic_optimization = False``: zero_grad, backward,
+step and the scheduler in ``training_step``), the least of Lightning's loop any LightningModule can
+run. Every repeat runs in a
 fresh process (``--quick``: in this one, on a tiny fake Fashion-MNIST; a smoke test, not a
 measurement).
 
 CPU only: on CUDA every per-step clock would have to synchronise the device, which removes the
 overlap of host and device work that a GPU step relies on; there ``step_overhead.py`` times whole fits.
 
-    python benchmarks/step_pairs.py [--batch-sizes 128 4] [--repeats 3] [--lightning] [--threads 1]
+    python benchmarks/step_pairs.py [--batch-sizes 128 4] [--repeats 3] [--lightning] [--manual] [--calibrate]
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import pairing  # noqa: E402
 from common import parser, print_table, run_json_child, write_fake_fashion_mnist, write_json  # noqa: E402
 from step_overhead import BARE, FASHION_MNIST, PlainParts, distill_fit, lightning_fit  # noqa: E402
 
+MANUAL = "lightning_manual"  # with --manual: the bare module in manual optimisation
 CALIBRATION = "plain"  # with --calibrate: the plain loop paired with itself, the instrument's own bias (expected 0)
 OPTIONS = {"compile": None, "channels_last": False}
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -64,8 +68,9 @@ def paired_fit(side: str, data_dir: Path, batch_size: int, steps: int, clock: st
         if side == "distill":
             callback = ("--trainer.callbacks+=pairing.PairedPlainSteps",)
             distill_fit(data_dir, batch_size, steps, "cpu", OPTIONS, Path(logs), extra=callback)
-        elif side == BARE:
-            lightning_fit(data_dir, batch_size, steps, "cpu", OPTIONS, callbacks=(pairing.PairedPlainSteps(),))
+        elif side in (BARE, MANUAL):
+            callbacks = (pairing.PairedPlainSteps(),)
+            lightning_fit(data_dir, batch_size, steps, "cpu", OPTIONS, callbacks=callbacks, manual=side == MANUAL)
         else:  # CALIBRATION: a second plain loop, timed by the same callback's hooks
             own, timer = PlainParts(data_dir, "cpu", OPTIONS), pairing.PairedPlainSteps()
             own_batches = own.batches(batch_size)
@@ -107,7 +112,8 @@ def overhead(repeats: list[list[tuple[float, float]]]) -> dict:
 
 
 def measure(data_dir: Path, args) -> list[dict]:
-    sides = ["distill", *([BARE] if args.lightning else []), *([CALIBRATION] if args.calibrate else [])]
+    optional = ((BARE, args.lightning), (MANUAL, args.manual), (CALIBRATION, args.calibrate))
+    sides = ["distill", *(side for side, wanted in optional if wanted)]
     rows = []
     for batch_size in args.batch_sizes:
         steps = args.steps or default_steps(batch_size)
@@ -146,6 +152,12 @@ def measure(data_dir: Path, args) -> list[dict]:
                     distill["overhead_ms"] - bare["overhead_ms"] - half,
                     distill["overhead_ms"] - bare["overhead_ms"] + half,
                 ],
+            }
+        if args.manual:
+            manual = result[MANUAL]
+            row |= {
+                f"{MANUAL}_overhead_ms": manual["overhead_ms"],
+                f"{MANUAL}_overhead_ms_ci95": manual["overhead_ms_ci95"],
             }
         if args.calibrate:
             own = result[CALIBRATION]
@@ -201,6 +213,9 @@ def report(rows: list[dict], args) -> None:
                 for r in rows
             ],
         )
+    for r in rows if args.manual else []:
+        manual = interval(r[f"{MANUAL}_overhead_ms"], r[f"{MANUAL}_overhead_ms_ci95"], ".2f")
+        print(f"manual optimisation, batch {r['batch_size']}: the bare module, {manual} ms/step over the plain loop")
     for r in rows if args.calibrate else []:
         print(
             f"calibration, batch {r['batch_size']}: the plain loop paired with itself, "
@@ -217,6 +232,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="cpu: the process's CPU seconds")
     p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of the repeats' processes")
     p.add_argument("--lightning", action="store_true", help="also pair a bare LightningModule's fit")
+    p.add_argument("--manual", action="store_true", help="also pair the bare module in manual optimisation")
     p.add_argument("--calibrate", action="store_true", help="also pair the plain loop with itself (expected 0)")
     p.add_argument("--data-dir", type=Path, default=FASHION_MNIST)
     p.add_argument("--child", help=argparse.SUPPRESS)  # sides: one repeat in this process
@@ -238,7 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
             args.data_dir = write_fake_fashion_mnist(Path(tmp), n_train=64, n_test=16)
         rows = measure(args.data_dir, args)
     report(rows, args)
-    write_json(f"step_pairs-cpu{'-lightning' if args.lightning else ''}", args, {"results": rows})
+    write_json(f"step_pairs-cpu{'-lightning' if args.lightning or args.manual else ''}", args, {"results": rows})
     return {"results": rows}
 
 

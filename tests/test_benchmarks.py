@@ -147,7 +147,7 @@ def test_a_paired_step_is_the_loop_iteration_less_the_plain_step_inside_it(monke
 def test_step_pairs_reports_means_of_the_pairs_and_splits_lightning_from_distill(tmp_path):
     script = load_benchmark("step_pairs")
     out = tmp_path / "pairs.json"
-    script.main(["--quick", "--lightning", "--calibrate", "--out", str(out)])
+    script.main(["--quick", "--lightning", "--manual", "--calibrate", "--out", str(out)])
     (row,) = json.loads(out.read_text())["results"]
     assert row["pairs"] == 5  # 6 steps: the last has no next start
     assert row["ratio"] == pytest.approx(row["distill_s_per_step"] / row["plain_s_per_step"])
@@ -155,5 +155,7 @@ def test_step_pairs_reports_means_of_the_pairs_and_splits_lightning_from_distill
     low, high = row["host_overhead_ms_ci95"]
     assert low < row["host_overhead_ms"] < high
     assert row["distill_over_lightning_ms"] == pytest.approx(row["host_overhead_ms"] - row["lightning_overhead_ms"])
+    low, high = row["lightning_manual_overhead_ms_ci95"]
+    assert low < row["lightning_manual_overhead_ms"] < high
     low, high = row["calibration_ms_ci95"]
     assert low < row["calibration_ms"] < high
