@@ -19,7 +19,9 @@ is the same interval over the plain step's mean), the median difference and ever
 cost, and what ``distill`` adds to it as the difference of the two overheads. ``--manual`` pairs the
 same bare module in manual optimisation (``automatic_optimization = False``: zero_grad, backward,
 step and the scheduler in ``training_step``), the least of Lightning's loop any LightningModule can
-run. Every repeat runs in a
+run. ``--variant NAME=ARGS`` (repeatable) adds a ``distill fit`` with extra CLI arguments as a
+side of its own, paired the same way, and reports its cost against the plain distill side: what an
+option costs per step (e.g. ``bar="--trainer.enable_progress_bar=true"``). Every repeat runs in a
 fresh process (``--quick``: in this one, on a tiny fake Fashion-MNIST; a smoke test, not a
 measurement).
 
@@ -27,6 +29,7 @@ CPU only: on CUDA every per-step clock would have to synchronise the device, whi
 overlap of host and device work that a GPU step relies on; there ``step_overhead.py`` times whole fits.
 
     python benchmarks/step_pairs.py [--batch-sizes 128 4] [--repeats 3] [--lightning] [--manual] [--calibrate]
+                                    [--variant NAME=ARGS ...]
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import statistics
 import sys
 import tempfile
@@ -58,16 +62,18 @@ def default_steps(batch_size: int) -> int:
     return 70 if batch_size > 32 else 600
 
 
-def paired_fit(side: str, data_dir: Path, batch_size: int, steps: int, clock: str) -> list[tuple[float, float]]:
+def paired_fit(
+    side: str, data_dir: Path, batch_size: int, steps: int, clock: str, variants: dict[str, str]
+) -> list[tuple[float, float]]:
     """``(fit step s, plain step s)`` of every step of one fit of ``side`` after the warm-up."""
     plain = PlainParts(data_dir, "cpu", OPTIONS)
     batches = plain.batches(batch_size)
     pairs: list[tuple[float, float]] = []
     pairing.ARMED.update(plain_step=lambda: plain.train_step(*next(batches)), clock=CLOCKS[clock], pairs=pairs)
     with tempfile.TemporaryDirectory() as logs:
-        if side == "distill":
-            callback = ("--trainer.callbacks+=pairing.PairedPlainSteps",)
-            distill_fit(data_dir, batch_size, steps, "cpu", OPTIONS, Path(logs), extra=callback)
+        if side == "distill" or side in variants:
+            extra = ("--trainer.callbacks+=pairing.PairedPlainSteps", *shlex.split(variants.get(side, "")))
+            distill_fit(data_dir, batch_size, steps, "cpu", OPTIONS, Path(logs), extra=extra)
         elif side in (BARE, MANUAL):
             callbacks = (pairing.PairedPlainSteps(),)
             lightning_fit(data_dir, batch_size, steps, "cpu", OPTIONS, callbacks=callbacks, manual=side == MANUAL)
@@ -84,11 +90,19 @@ def paired_fit(side: str, data_dir: Path, batch_size: int, steps: int, clock: st
 def run_repeat(sides: list[str], data_dir: Path, batch_size: int, steps: int, args) -> dict[str, list]:
     """The paired fits of one repeat, ``sides`` in order, in a fresh process (in this one with ``--quick``)."""
     if args.quick:
-        return {side: paired_fit(side, data_dir, batch_size, steps, args.clock) for side in sides}
+        return {side: paired_fit(side, data_dir, batch_size, steps, args.clock, args.variants) for side in sides}
     arguments = ["--child", ",".join(sides), "--data-dir", str(data_dir), "--batch-sizes", str(batch_size)]
     arguments += ["--steps", str(steps), "--clock", args.clock]
+    arguments += [f"--variant={name}={extra}" for name, extra in args.variants.items()]
     what = f"{','.join(sides)} (batch {batch_size})"
     return run_json_child(str(Path(__file__).resolve()), arguments, args.threads, what)
+
+
+def difference(a: dict, b: dict) -> tuple[float, list[float]]:
+    """``a``'s overhead minus ``b``'s (ms/step), with the 95 % interval of two independent estimates."""
+    half = math.hypot(*((high - low) / 2 for low, high in (a["overhead_ms_ci95"], b["overhead_ms_ci95"])))
+    value = a["overhead_ms"] - b["overhead_ms"]
+    return value, [value - half, value + half]
 
 
 def overhead(repeats: list[list[tuple[float, float]]]) -> dict:
@@ -113,7 +127,7 @@ def overhead(repeats: list[list[tuple[float, float]]]) -> dict:
 
 def measure(data_dir: Path, args) -> list[dict]:
     optional = ((BARE, args.lightning), (MANUAL, args.manual), (CALIBRATION, args.calibrate))
-    sides = ["distill", *(side for side, wanted in optional if wanted)]
+    sides = ["distill", *(side for side, wanted in optional if wanted), *args.variants]
     rows = []
     for batch_size in args.batch_sizes:
         steps = args.steps or default_steps(batch_size)
@@ -141,17 +155,13 @@ def measure(data_dir: Path, args) -> list[dict]:
         }
         if args.lightning:  # Lightning's own cost, and distill's on top of it (independent intervals)
             bare = result[BARE]
-            both = [distill["overhead_ms_ci95"], bare["overhead_ms_ci95"]]
-            half = math.hypot(*((high - low) / 2 for low, high in both))
+            over, over_ci = difference(distill, bare)
             row |= {
                 f"{BARE}_s_per_step": bare["s_per_step"],
                 f"{BARE}_overhead_ms": bare["overhead_ms"],
                 f"{BARE}_overhead_ms_ci95": bare["overhead_ms_ci95"],
-                f"distill_over_{BARE}_ms": distill["overhead_ms"] - bare["overhead_ms"],
-                f"distill_over_{BARE}_ms_ci95": [
-                    distill["overhead_ms"] - bare["overhead_ms"] - half,
-                    distill["overhead_ms"] - bare["overhead_ms"] + half,
-                ],
+                f"distill_over_{BARE}_ms": over,
+                f"distill_over_{BARE}_ms_ci95": over_ci,
             }
         if args.manual:
             manual = result[MANUAL]
@@ -162,6 +172,15 @@ def measure(data_dir: Path, args) -> list[dict]:
         if args.calibrate:
             own = result[CALIBRATION]
             row |= {"calibration_ms": own["overhead_ms"], "calibration_ms_ci95": own["overhead_ms_ci95"]}
+        row["variants"] = {}
+        for name, extra in args.variants.items():
+            cost, cost_ci = difference(result[name], distill)
+            row["variants"][name] = {
+                "arguments": extra,
+                **result[name],
+                "over_distill_ms": cost,
+                "over_distill_ms_ci95": cost_ci,
+            }
         rows.append(row)
     return rows
 
@@ -216,6 +235,13 @@ def report(rows: list[dict], args) -> None:
     for r in rows if args.manual else []:
         manual = interval(r[f"{MANUAL}_overhead_ms"], r[f"{MANUAL}_overhead_ms_ci95"], ".2f")
         print(f"manual optimisation, batch {r['batch_size']}: the bare module, {manual} ms/step over the plain loop")
+    for r in rows:
+        for name, v in r["variants"].items():
+            print(
+                f"variant {name} ({v['arguments']}), batch {r['batch_size']}: "
+                f"{interval(v['overhead_ms'], v['overhead_ms_ci95'], '.2f')} ms/step over the plain loop, "
+                f"{interval(v['over_distill_ms'], v['over_distill_ms_ci95'], '.2f')} over distill's default"
+            )
     for r in rows if args.calibrate else []:
         print(
             f"calibration, batch {r['batch_size']}: the plain loop paired with itself, "
@@ -234,18 +260,30 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--lightning", action="store_true", help="also pair a bare LightningModule's fit")
     p.add_argument("--manual", action="store_true", help="also pair the bare module in manual optimisation")
     p.add_argument("--calibrate", action="store_true", help="also pair the plain loop with itself (expected 0)")
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=ARGS",
+        help="also pair distill fit with these extra CLI arguments (repeatable)",
+    )
     p.add_argument("--data-dir", type=Path, default=FASHION_MNIST)
     p.add_argument("--child", help=argparse.SUPPRESS)  # sides: one repeat in this process
     args = p.parse_args(argv)
     if args.device != "cpu":
         p.error("--device cuda: per-step clocks would synchronise the device; use step_overhead.py on a GPU")
+    reserved = {"distill", BARE, MANUAL, CALIBRATION}
+    if any("=" not in v or v.split("=", 1)[0] in reserved | {""} for v in args.variant):
+        p.error(f"--variant takes NAME=ARGS with a NAME other than {', '.join(sorted(reserved))}: got {args.variant}")
+    args.variants = dict(v.split("=", 1) for v in args.variant)
     if args.child:
         import torch
 
         torch.set_num_threads(args.threads)
         batch_size = args.batch_sizes[0]
         steps = args.steps or default_steps(batch_size)
-        result = {s: paired_fit(s, args.data_dir, batch_size, steps, args.clock) for s in args.child.split(",")}
+        sides = args.child.split(",")
+        result = {s: paired_fit(s, args.data_dir, batch_size, steps, args.clock, args.variants) for s in sides}
         print(json.dumps(result))
         return result
     with tempfile.TemporaryDirectory() as tmp:

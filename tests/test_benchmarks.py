@@ -147,7 +147,8 @@ def test_a_paired_step_is_the_loop_iteration_less_the_plain_step_inside_it(monke
 def test_step_pairs_reports_means_of_the_pairs_and_splits_lightning_from_distill(tmp_path):
     script = load_benchmark("step_pairs")
     out = tmp_path / "pairs.json"
-    script.main(["--quick", "--lightning", "--manual", "--calibrate", "--out", str(out)])
+    bar = "--trainer.enable_progress_bar=true"
+    script.main(["--quick", "--lightning", "--manual", "--calibrate", f"--variant=bar={bar}", "--out", str(out)])
     (row,) = json.loads(out.read_text())["results"]
     assert row["pairs"] == 5  # 6 steps: the last has no next start
     assert row["ratio"] == pytest.approx(row["distill_s_per_step"] / row["plain_s_per_step"])
@@ -157,5 +158,10 @@ def test_step_pairs_reports_means_of_the_pairs_and_splits_lightning_from_distill
     assert row["distill_over_lightning_ms"] == pytest.approx(row["host_overhead_ms"] - row["lightning_overhead_ms"])
     low, high = row["lightning_manual_overhead_ms_ci95"]
     assert low < row["lightning_manual_overhead_ms"] < high
+    variant = row["variants"]["bar"]
+    assert variant["arguments"] == bar and variant["pairs"] == 5
+    assert variant["over_distill_ms"] == pytest.approx(variant["overhead_ms"] - row["host_overhead_ms"])
+    low, high = variant["over_distill_ms_ci95"]
+    assert low < variant["over_distill_ms"] < high
     low, high = row["calibration_ms_ci95"]
     assert low < row["calibration_ms"] < high

@@ -3,8 +3,9 @@
 import pytest
 import torch
 from helpers import CONFIGS, FAST
+from pytorch_lightning.callbacks import TQDMProgressBar
 
-from distill.cli import build_cli, main
+from distill.cli import PROGRESS_REFRESH_STEPS, build_cli, main
 from distill.tools.runs import read_metrics, series
 
 
@@ -46,3 +47,19 @@ def test_validate_subcommand_reads_checkpoint(in_tmp):
 def test_unknown_model_lists_known_names(in_tmp):
     with pytest.raises(KeyError, match="unknown model 'resnet21'; known models: .*resnet20"):
         build_cli(["fit", "--config", str(CONFIGS / "digits/teacher.yaml"), "--model.init_args.model=resnet21"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "refresh_rate"),
+    [
+        ([], PROGRESS_REFRESH_STEPS),
+        (["--trainer.callbacks+=TQDMProgressBar", "--trainer.callbacks.refresh_rate=1"], 1),
+        (["--trainer.enable_progress_bar=false"], None),
+    ],
+)
+def test_the_default_progress_bar_refreshes_every_few_steps_and_a_given_one_is_kept(in_tmp, extra, refresh_rate):
+    args = ["--config", str(CONFIGS / "digits/teacher.yaml"), "--trainer.enable_progress_bar=true", *extra]
+    trainer = build_cli(args, run=False).trainer
+    bars = [c for c in trainer.callbacks if isinstance(c, TQDMProgressBar)]
+    assert [bar.refresh_rate for bar in bars] == ([] if refresh_rate is None else [refresh_rate])
+    assert trainer.progress_bar_callback is (bars[0] if bars else None)
