@@ -20,6 +20,7 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from typing import get_args
 
 import pytorch_lightning as pl
 import torch
@@ -35,9 +36,9 @@ from distill.data.cifar import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
 from distill.data.tensor import normalize  # noqa: E402
 from distill.losses import KDTerm  # noqa: E402
 from distill.methods import OfflineKD  # noqa: E402
+from distill.methods.base import CompileMode  # noqa: E402
 
 PROTOCOL_EPOCHS = 240
-COMPILE_MODES = ["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class PlainEpoch:
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true")
     p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, help="torch.compile mode")
+    p.add_argument("--compile", nargs="?", const="default", choices=get_args(CompileMode), help="torch.compile mode")
     args = p.parse_args(argv)
     if args.quick:
         args.epochs, args.images, args.test_images, args.batch_size = 2, 32, 16, 16
@@ -148,8 +149,9 @@ def main(argv: list[str] | None = None) -> dict:
         for side, s in steady.items()
     ]
     ratio = rows[0]["epoch_s"] / rows[1]["epoch_s"]
-    compiled = args.compile and ("compile" if args.compile == "default" else f"compile_{args.compile}")
-    flags = [o for o in ("channels_last" if args.channels_last else None, compiled) if o]
+    flags = ["channels_last"] if args.channels_last else []
+    if args.compile:
+        flags.append("compile" if args.compile == "default" else f"compile_{args.compile}")
     options = ", ".join([args.precision, *flags])
     print_table(
         f"KD resnet32x4 -> resnet8x4, {args.images} images/epoch, batch {args.batch_size}, {args.device}, {options}",

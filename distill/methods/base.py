@@ -68,6 +68,8 @@ def refuse_lossy_sync_batchnorm(networks: dict[str, nn.Module]) -> None:
                 )
 
 
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]  # torch.compile's
+
 # [chosen] on the CPU, torch 2.14.1 aborts with heap corruption ("double free or corruption") in the
 # backward of a channels_last resnet20 whose stages have 4 or 6 channels (the 0.25 width of a slimmable
 # resnet20 among them); 8 channels and more ran. Such networks are refused channels_last on the CPU.
@@ -135,7 +137,7 @@ class DistillModule(pl.LightningModule):
         lr_schedule: Schedule | None = None,
         lr_reference_batch: int | None = None,
         channels_last: bool = False,
-        compile: bool | Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = False,
+        compile: bool | CompileMode = False,
     ):
         super().__init__()
         owner = type(self).__name__
